@@ -1,0 +1,141 @@
+"""Backbones come from timm: creation, the ViT-family check, and loading pretrained weights without pickles."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deploykit.errors import BackboneError, CheckpointError, UnknownNameError
+
+
+def create_backbone(
+        name: str,
+        num_classes: int,
+        pretrained: bool = False,
+        checkpoint: str | os.PathLike | None = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """Build a timm ViT-family model, ready for ONNX export (``exportable=True`` turns off fused attention).
+
+    Args:
+        name: timm model name, e.g. ``vit_small_patch16_224`` or ``deit_tiny_distilled_patch16_224``.
+        num_classes: classes of the downstream task (the backbone's head is re-sized to it).
+        pretrained: load timm's pretrained weights (from the hub or its cache; never used in tests).
+        checkpoint: a local weights file (safetensors, or a ``.pth``/``.bin`` loaded with ``weights_only``) for
+            machines without hub access; takes precedence over ``pretrained``.
+        **kwargs: architecture overrides passed to ``timm.create_model`` (``img_size``, ``depth``, ...).
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownNameError(f"unknown backbone {name!r}: timm has no such model.{hint}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        model = timm.create_model(
+            name, pretrained=pretrained and checkpoint is None, num_classes=num_classes, exportable=True, **kwargs
+        )
+    except TypeError as e:
+        raise BackboneError(f"backbone {name!r} does not accept the settings {sorted(kwargs)}: {e}") from e
+    check_vit_family(model, name)
+    if checkpoint is not None:
+        load_backbone_weights(model, checkpoint)
+    return model
+
+
+def check_vit_family(model: nn.Module, name: str = "") -> None:
+    """Refuse backbones whose structure deploykit can't split into stages (with the reason)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise BackboneError(
+            f"backbone {name or type(model).__name__!r} ({type(model).__name__}) is not ViT-family; deploykit splits "
+            "timm VisionTransformer models (vit_*, deit_*, deit3_*, vit_*_reg*, ...) into stages — pick one of those"
+        )
+    for attr in ("patch_embed", "blocks", "norm", "_pos_embed", "forward_head"):
+        if not hasattr(model, attr):
+            raise BackboneError(
+                f"backbone {name!r} has no attribute {attr!r}; this timm version's VisionTransformer differs from the "
+                "one deploykit supports (timm>=1.0.15,<2)"
+            )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file without executing code: safetensors, or torch.load with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give a path to a .safetensors or .pth file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files raise many different types
+        raise CheckpointError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); is the file complete?") from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    return obj
+
+
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load pretrained backbone weights from a local file, dropping a classifier of another size.
+
+    timm's ``checkpoint_filter_fn`` adapts foreign layouts (e.g. position embeddings of another grid size).
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_state_dict(path)
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception as e:
+        raise BackboneError(f"checkpoint {path} can't be adapted to this backbone: {e}") from e
+    own = model.state_dict()
+    head_keys = {k for k in own if k.startswith(("head.", "head_dist."))}
+    for k in list(state):
+        if k in head_keys and state[k].shape != own[k].shape:
+            del state[k]  # classifier for another number of classes: keep the fresh one
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(state) - head_keys)
+    unexpected = sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        parts = []
+        if mismatched:
+            parts.append(f"shape mismatches {mismatched[:5]}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise BackboneError(
+            f"checkpoint {path} does not fit backbone {type(model).__name__} "
+            f"(depth {len(model.blocks)}, width {model.embed_dim}): {'; '.join(parts)}. "
+            "Pick the backbone name / settings the checkpoint was trained with"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def backbone_data_config(model: nn.Module) -> dict[str, Any]:
+    """The backbone's preprocessing (input size, mean, std, interpolation) from timm's data config."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    # the pretrained cfg keeps the original resolution when img_size was overridden; the patch embed knows the truth
+    in_chans = int(cfg["input_size"][0])
+    size = [in_chans, *(int(v) for v in model.patch_embed.img_size)] if hasattr(model, "patch_embed") else cfg["input_size"]
+    return {
+        "input_size": [int(v) for v in size],
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": str(cfg.get("interpolation", "bicubic")),
+        "crop_pct": 1.0,
+    }
