@@ -192,7 +192,8 @@ class Manifest:
                 root=root,
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise ManifestError(f"manifest field has the wrong form ({type(e).__name__}: {e}); re-export the model") from e
+            raise ManifestError(
+                f"manifest field has the wrong form ({type(e).__name__}: {e}); re-export the model") from e
         m.validate()
         return m
 

@@ -67,7 +67,7 @@ class Runner(ABC):
     @abstractmethod
     def run_impl(self, feeds: dict[str, Any], outputs: list[str] | None) -> dict[str, Any]: ...
 
-    def close_impl(self) -> None:
+    def close_impl(self) -> None:  # noqa: B027  (optional hook)
         """Free resources; default does nothing."""
 
     # ---- device-agnostic array helpers the cascade uses (overridden by GPU runners) ------------------------

@@ -64,13 +64,14 @@ def check_parity(model: ExitModel, manifest: Any, inputs: np.ndarray, batch_size
             state_t: tuple[torch.Tensor, ...] = (torch.from_numpy(x),)
             chain_feed: list[np.ndarray] = [x]
             for k, (spec, runner) in enumerate(zip(manifest.stages, runners)):
+                stage_in = state_t
                 with torch.no_grad():
                     state_t = model.forward_stage(k, *state_t)
                     ref_logits = model.forward_exit(k, *state_t)
                     ref_score = exit_score(ref_logits, score_kind).numpy()
                 ref_logits = ref_logits.numpy()
                 # stage alone, fed PyTorch's state
-                feed = [x] if k == 0 else [t.numpy() for t in prev_state]
+                feed = [t.numpy() for t in stage_in]
                 out = runner.run(dict(zip([t.name for t in spec.inputs], feed)))
                 lg, sc = out[spec.exit_logits], out[spec.exit_score]
                 d_lg = float(np.abs(lg - ref_logits).max())
@@ -86,7 +87,6 @@ def check_parity(model: ExitModel, manifest: Any, inputs: np.ndarray, batch_size
                     (chain_out[spec.exit_logits].argmax(1) != ref_logits.argmax(1)).sum())
                 if k < k_last:
                     chain_feed = [chain_out[t.name] for t in spec.outputs]
-                prev_state = state_t
     finally:
         for r in runners:
             r.close()

@@ -78,7 +78,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt files raise many different types
-        raise CheckpointError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); is the file complete?") from e
+        raise CheckpointError(
+            f"could not read checkpoint {path} ({type(e).__name__}: {e}); is the file complete?") from e
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -131,7 +132,9 @@ def backbone_data_config(model: nn.Module) -> dict[str, Any]:
     cfg = resolve_data_config({}, model=model)
     # the pretrained cfg keeps the original resolution when img_size was overridden; the patch embed knows the truth
     in_chans = int(cfg["input_size"][0])
-    size = [in_chans, *(int(v) for v in model.patch_embed.img_size)] if hasattr(model, "patch_embed") else cfg["input_size"]
+    size = cfg["input_size"]
+    if hasattr(model, "patch_embed"):
+        size = [in_chans, *(int(v) for v in model.patch_embed.img_size)]
     return {
         "input_size": [int(v) for v in size],
         "mean": [float(v) for v in cfg["mean"]],
