@@ -53,7 +53,216 @@ def main() -> None:
 
 
 # ---- train ---------------------------------------------------------------------------------------------------
-# (train command: see deploykit/train; added below)
+@main.command()
+@click.option("--recipe", "-r", type=click.Path(dir_okay=False), help="YAML recipe file.")
+@click.option("--method", help="Method name (overrides method.name).")
+@click.option("--backbone", help="timm ViT name (overrides backbone.name).")
+@click.option("--data", help="Data spec: digits or imagefolder:PATH (overrides data.spec).")
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (the schedule keeps its length).")
+@click.option("--batch-size", type=int, help="Global batch size (split across torchrun processes).")
+@click.option("--lr", type=float)
+@click.option("--seed", type=int)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any recipe key, e.g. train.lr=3e-4.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory.")
+@_friendly_errors
+def train(recipe: str | None, method: str | None, backbone: str | None, data: str | None, epochs: int | None,
+          max_steps: int | None, batch_size: int | None, lr: float | None, seed: int | None, sets: tuple[str, ...],
+          out: str | None, resume: str | None) -> None:
+    """Train a multi-exit model from a recipe; writes config.json, model.safetensors, metrics.jsonl (torchrun-ready)."""
+    import logging
+
+    from deploykit.train import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = {"method.name": method, "backbone.name": backbone, "data.spec": data, "train.epochs": epochs,
+                 "train.max_steps": max_steps, "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
+    run_dir = run_training(recipe, out=out, resume=resume, overrides=overrides, sets=sets)
+    click.echo(str(run_dir))
 
 # ---- export / calibrate / bench / predict ----------------------------------------------------------------------
-# (added below)
+_BACKEND = click.option("--backend", default="ort-cpu", show_default=True,
+                        type=click.Choice(["ort-cpu", "ort-cuda", "ort-trt", "trt"]), help="Runner for the graphs.")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Engine directory to write.")
+@click.option("--score", type=click.Choice(["max_softmax", "entropy"]), help="Exit score (default: the method's).")
+@click.option("--no-check", is_flag=True, help="Skip the parity check against PyTorch on real test inputs.")
+@click.option("--parity-samples", default=256, show_default=True, help="Test images used for the parity check.")
+@click.option("--opset", default=18, show_default=True)
+@click.option("--check-trt", is_flag=True, help="Also lint every graph for TensorRT (no TensorRT needed).")
+@click.option("--force", is_flag=True, help="Replace an existing engine directory.")
+@_friendly_errors
+def export(run_dir: str, out: str, score: str | None, no_check: bool, parity_samples: int, opset: int,
+           check_trt: bool, force: bool) -> None:
+    """Export a training run as per-stage ONNX graphs + deploykit.json, checked against PyTorch."""
+    from deploykit.export import export_run
+
+    m = export_run(run_dir, out, score=score, check=not no_check, parity_samples=parity_samples, opset=opset,
+                   overwrite=force, check_trt=check_trt)
+    parity = m.provenance.get("parity")
+    click.echo(f"wrote {m.num_stages} stage graphs + full.onnx to {out}"
+               + (f"; parity on {parity['samples']} test images: predictions identical" if parity else ""))
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--data", default="digits", show_default=True, help="digits or imagefolder:PATH (val + test splits).")
+@click.option("--max-drop", type=float, help="Allowed accuracy drop (points) vs full depth on val [default 0.5].")
+@click.option("--flops-budget", type=float, help="Instead: FLOPs budget as a fraction of the full model.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
+@_BACKEND
+@_friendly_errors
+def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: float | None, json_out: str | None,
+              backend: str) -> None:
+    """Pick exit thresholds on the validation split, write them to the manifest, evaluate on test."""
+    from deploykit.runtime.calibrate import calibrate as run_calibration
+
+    r = run_calibration(engine_dir, data=data, max_drop=max_drop, flops_budget=flops_budget, json_out=json_out,
+                        backend=backend)
+    t = r["test"]
+    click.echo(f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: full "
+               f"{100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}% at "
+               f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits {[round(f, 3) for f in t['exit_fractions']]}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--batch-sizes", default="1,32", show_default=True, callback=_csv(int))
+@click.option("--exit-fractions", callback=_csv(float), help="Fix the exit distribution, e.g. 0.4,0.3,0.2,0.1.")
+@click.option("--checkpoint", type=click.Path(file_okay=False), help="Run directory: adds PyTorch eager.")
+@click.option("--data", help="Use this data source's test split as inputs (default: random inputs).")
+@click.option("--samples", default=64, show_default=True, help="Inputs per timed pass.")
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--warmup", default=2, show_default=True)
+@click.option("--threads", type=int, help="Intra-op threads (default: usable cores).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
+@_BACKEND
+@_friendly_errors
+def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] | None, checkpoint: str | None,
+          data: str | None, samples: int, repeats: int, warmup: int, threads: int | None, json_out: str | None,
+          backend: str) -> None:
+    """Time monolithic, exit-less chain, cascade (and PyTorch eager) side by side; report speed-ups."""
+    from deploykit.runtime.bench import bench as run_bench
+
+    r = run_bench(engine_dir, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
+                  data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
+                  backend=backend, progress=True)
+    _echo_json({"runs": r["runs"], **({"plot": r["plot"]} if "plot" in r else {})})
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--thresholds", callback=_csv(float), help="Override the manifest's thresholds (one per early exit).")
+@_BACKEND
+@_friendly_errors
+def predict(engine_dir: str, images: tuple[str, ...], thresholds: list[float] | None, backend: str) -> None:
+    """Classify image files; prints one JSON line per image (label, confidence, exit stage)."""
+    from deploykit.runtime.predict import predict as run_predict
+
+    for r in run_predict(engine_dir, list(images), backend=backend, thresholds=thresholds):
+        click.echo(json.dumps(r))
+
+
+@main.command()
+@click.argument("data", default="digits")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("-n", "count", default=8, show_default=True, help="How many images.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False))
+@_friendly_errors
+def samples(data: str, split: str, count: int, out: str) -> None:
+    """Write images of a data split as PNG files (e.g. to try `deploykit predict`)."""
+    from deploykit.data import write_samples
+
+    for p in write_samples(data, split, count, out):
+        click.echo(str(p))
+
+
+@main.command("methods")
+def methods_cmd() -> None:
+    """List the registered methods."""
+    from deploykit.methods import get_method, list_methods
+
+    for name in list_methods():
+        click.echo(f"{name:12s} {get_method(name).description}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@_friendly_errors
+def info(engine_dir: str) -> None:
+    """Show an engine directory's manifest summary (stages, FLOPs, thresholds, calibration)."""
+    from deploykit.manifest import Manifest
+
+    m = Manifest.load(engine_dir)
+    click.echo(f"{m.name}: {m.method.get('name')} on {m.backbone.get('name')}, {m.num_classes} classes, task {m.task}")
+    for s, t in zip(m.stages, m.thresholds()):
+        click.echo(f"  stage {s.index}: {s.file} blocks {s.blocks[:1]}..{s.blocks[-1:]} {s.flops / 1e6:.1f} MFLOPs "
+                   f"+ head {s.exit_flops / 1e6:.2f} MFLOPs, threshold {t}")
+    if m.calibration:
+        t = m.calibration["test"]
+        click.echo(f"  calibrated: test cascade {100 * t['cascade_accuracy']:.2f}% at {100 * t['flops_ratio']:.1f}% "
+                   f"FLOPs (full {100 * t['full_accuracy']:.2f}%)")
+
+
+
+@main.command("serve-local")
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you say so).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda, ort-trt or trt.")
+@click.option("--max-batch-size", default=32, show_default=True, type=int, help="Rows per cascade run.")
+@click.option("--max-queue-delay-ms", default=5.0, show_default=True, type=float,
+              help="How long the oldest request waits for a batch to fill.")
+@click.option("--max-queue", default=256, show_default=True, type=int, help="Waiting requests before 503.")
+@click.option("--max-request-mb", default=16.0, show_default=True, type=float, help="Request body limit (413).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads for the backend (default: its own).")
+@_friendly_errors
+def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
+                    max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None) -> None:
+    """Serve ENGINE_DIR over HTTP (KServe v2 protocol) with dynamic batching, /metrics and a page at /."""
+    from deploykit.serve import serve_local
+
+    serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
+                max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, max_request_mb=max_request_mb,
+                threads=threads)
+
+
+# ---- GPU deployment: TensorRT lint and engine build (issue 6) ---------------------------------------------------
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--target", default="10.3", show_default=True, help="TensorRT version to check (10.3 = JetPack 6).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_friendly_errors
+def lint(engine_dir: str, target: str, as_json: bool) -> None:
+    """Check ENGINE_DIR's graphs against TensorRT's ONNX support, offline (no GPU or TensorRT needed)."""
+    from deploykit.export.trt_lint import lint_engine_dir
+
+    report = lint_engine_dir(engine_dir, target=target)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        click.echo(report.format())
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--max-batch", default=32, show_default=True, type=int, help="Largest batch the engines accept.")
+@click.option("--opt-batch", default=None, type=int, help="Batch the kernels are tuned for (default: min(8, max)).")
+@click.option("--workspace", "workspace_mb", default=None, type=int, help="Builder workspace limit in MB.")
+@_friendly_errors
+def build(engine_dir: str, precision: str, max_batch: int, opt_batch: int | None, workspace_mb: int | None) -> None:
+    """Build one TensorRT engine per stage of ENGINE_DIR on this GPU (run on the target device)."""
+    from deploykit.backends.trt import build_engines
+
+    record = build_engines(engine_dir, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
+                           workspace_mb=workspace_mb)
+    click.echo(f"built {precision} engines with TensorRT {record['version']} on {record['gpu']} "
+               f"(batch 1..{record['max_batch']}, opt {record['opt_batch']}) in {record['build_seconds']} s")

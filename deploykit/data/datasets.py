@@ -166,3 +166,22 @@ def stack_split(spec: str, split: str, preprocessing: Any, limit: int | None = N
     n = len(ds) if limit is None else min(limit, len(ds))
     xs, ys = zip(*(ds[i] for i in range(n)))
     return np.stack([x.numpy() for x in xs]), np.asarray(ys, dtype=np.int64)
+
+
+def write_samples(spec: str, split: str, n: int, out_dir: str | Path) -> list[Path]:
+    """Write the first ``n`` images of a split as PNG files named ``<index>_label<label>.png`` (for ``predict``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pre = {"input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}
+    ds = create_dataset(spec, split, pre)
+    paths = []
+    for i in range(min(n, len(ds))):
+        if isinstance(ds, DigitsDataset):
+            img, label = ds.image(i), ds.labels[int(ds.targets[i])]
+        else:
+            path, c = ds.files[i]  # type: ignore[attr-defined]
+            img, label = load_image(path), ds.labels[c]  # type: ignore[attr-defined]
+        p = out / f"{i:04d}_label{label}.png"
+        img.save(p)
+        paths.append(p)
+    return paths

@@ -24,8 +24,6 @@ def preprocess_image(img: Any, pre: Any) -> np.ndarray:
     The whole image is resized to the input size (``crop_pct`` 1.0) or resized then center-cropped
     (``crop_pct`` < 1, timm's eval transform).
     """
-    from PIL import Image
-
     c, h, w = (int(v) for v in _get(pre, "input_size"))
     img = img.convert("RGB" if c == 3 else "L")
     crop_pct = float(_get(pre, "crop_pct", 1.0))
