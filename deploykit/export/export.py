@@ -20,7 +20,14 @@ from deploykit.errors import ExportError
 from deploykit.export.graphs import ExitHeadGraph, FullGraph, StageGraph, TrunkGraph, count_flops
 from deploykit.export.onnx_io import DEFAULT_OPSET, export_graph
 from deploykit.manifest import (
-    BATCH_DIM, MANIFEST_NAME, ExitPolicy, Manifest, Preprocessing, StageSpec, TensorSpec, file_sha256,
+    BATCH_DIM,
+    MANIFEST_NAME,
+    ExitPolicy,
+    Manifest,
+    Preprocessing,
+    StageSpec,
+    TensorSpec,
+    file_sha256,
 )
 from deploykit.methods.base import ExitModel
 
@@ -186,7 +193,7 @@ def export_run(
                     "data": config["data"]["spec"]},
     )
     if check_trt:
-        from deploykit.export.trt_lint import lint_engine_dir  # type: ignore[import-not-found]
+        from deploykit.export.trt_lint import check_trt as lint_for_trt
 
-        lint_engine_dir(out_dir, raise_on_error=True)
+        lint_for_trt(out_dir, target="10.3")
     return manifest
