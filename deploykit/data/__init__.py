@@ -1,6 +1,26 @@
-"""Data sources and preprocessing."""
+"""Data sources and preprocessing.
 
-from deploykit.data.datasets import create_dataset, data_info, stack_split, write_samples
-from deploykit.data.preprocess import load_image, preprocess_image
+Imports are lazy: ``preprocess`` needs only Pillow and numpy, so a server that only preprocesses images never loads
+torch (which the datasets need).
+"""
 
-__all__ = ["create_dataset", "data_info", "load_image", "preprocess_image", "stack_split", "write_samples"]
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "create_dataset": "deploykit.data.datasets", "data_info": "deploykit.data.datasets",
+    "stack_split": "deploykit.data.datasets", "write_samples": "deploykit.data.datasets",
+    "load_image": "deploykit.data.preprocess", "preprocess_image": "deploykit.data.preprocess",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'deploykit.data' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

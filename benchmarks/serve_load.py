@@ -1,0 +1,361 @@
+"""Load test for `deploykit serve-local` (loopback only; bounded in time and request count; stops by itself).
+
+Phases, all against one server on 127.0.0.1:
+1. offline: the cascade in-process at the server's max batch size (rows/s, median full-batch time);
+2. closed loop: N concurrent clients for T seconds (1 row per request, binary tensor extension like tritonclient);
+3. overload: open loop at F x the closed-loop throughput for T_o seconds: codes, answered-exactly-once, server RSS;
+4. recovery: a few clients for a short while: every request must succeed again.
+Writes JSON (+ PNG) with throughput, p50/p99, batch-size distribution, errors by code, os.getloadavg().
+
+    python benchmarks/serve_load.py --engine-dir engines/tiny --clients 64 --duration 10 --out benchmarks/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+# ---- a minimal keep-alive HTTP/1.1 client (low overhead: it shares the CPU with the server) ---------------------
+class Conn:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        self.writer.write(head.encode() + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("server closed the connection")
+        code = int(status_line.split()[1])
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode().partition(":")
+            if k.lower() == "content-length":
+                length = int(v)
+            elif k.lower() == "connection" and "close" in v.lower():
+                close = True
+        data = await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return code, data
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def make_payloads(shape: list[int], n: int = 16) -> tuple[list[bytes], dict[str, str]]:
+    """1-row FP32 requests in the binary tensor data extension (what tritonclient sends by default)."""
+    rng = np.random.default_rng(0)
+    bodies, header_len = [], None
+    for _ in range(n):
+        x = rng.standard_normal([1, *shape]).astype("<f4").tobytes()
+        hdr = json.dumps({"inputs": [{"name": "image", "shape": [1, *shape], "datatype": "FP32",
+                                      "parameters": {"binary_data_size": len(x)}}],
+                          "outputs": [{"name": "label"}, {"name": "exit_stage"}, {"name": "score"}]}).encode()
+        header_len = len(hdr)
+        bodies.append(hdr + x)
+    return bodies, {"Inference-Header-Content-Length": str(header_len), "Content-Type": "application/octet-stream"}
+
+
+# ---- phases ----------------------------------------------------------------------------------------------------
+async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], headers: dict[str, str], clients: int,
+                      duration: float, max_requests: int, warmup: float = 0.0) -> dict:
+    """Clients send back to back for ``duration``; latency / throughput also reported after ``warmup`` seconds
+    (the start-up transient: all clients arriving at once fill batches unevenly for the first few batches)."""
+    lat, codes, sent, steady = [], {}, [0], []
+    t_begin = time.perf_counter()
+    stop = t_begin + duration
+
+    async def client(i: int) -> None:
+        conn = Conn(host, port)
+        while time.perf_counter() < stop and sent[0] < max_requests:
+            sent[0] += 1
+            t0 = time.perf_counter()
+            try:
+                code, _ = await conn.request(path, bodies[(i + sent[0]) % len(bodies)], headers)
+            except (ConnectionError, OSError, asyncio.IncompleteReadError):
+                code = -1
+                conn.close()
+            codes[code] = codes.get(code, 0) + 1
+            if code == 200:
+                t1 = time.perf_counter()
+                lat.append(t1 - t0)
+                if t0 >= t_begin + warmup:
+                    steady.append(t1 - t0)
+        conn.close()
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - t_begin
+    out = summarize(lat, codes, sent[0], wall)
+    if warmup:
+        s = summarize(steady, {200: len(steady)}, len(steady), max(wall - warmup, 1e-9))
+        out["steady"] = {"after_s": warmup, "ok": len(steady), "latency_ms": s["latency_ms"]}
+    return out
+
+
+async def open_loop(host: str, port: int, path: str, bodies: list[bytes], headers: dict[str, str], rate: float,
+                    duration: float, max_requests: int, rss_of: int | None) -> dict:
+    idle: list[Conn] = []
+    lat, codes, answered, rss = [], {}, [0], []
+    tasks = []
+
+    async def one(i: int) -> None:
+        conn = idle.pop() if idle else Conn(host, port)
+        t0 = time.perf_counter()
+        try:
+            code, _ = await conn.request(path, bodies[i % len(bodies)], headers)
+            idle.append(conn)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            code = -1
+            conn.close()
+        answered[0] += 1
+        codes[code] = codes.get(code, 0) + 1
+        if code == 200:
+            lat.append(time.perf_counter() - t0)
+
+    t_start = time.perf_counter()
+    n = 0
+    while (now := time.perf_counter()) < t_start + duration and n < max_requests:
+        due = int((now - t_start) * rate) + 1
+        while n < min(due, max_requests):
+            tasks.append(asyncio.create_task(one(n)))
+            n += 1
+        if rss_of and (not rss or now - rss[-1][0] > 0.2):
+            rss.append((now, read_rss_mb(rss_of)))
+        await asyncio.sleep(0.002)
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    wall = time.perf_counter() - t_start
+    for c in idle:
+        c.close()
+    out = summarize(lat, codes, n, wall)
+    out.update(offered_rate=rate, answered=answered[0], answered_exactly_once=answered[0] == n,
+               rss_mb=[round(v, 1) for _, v in rss], rss_mb_max=max((v for _, v in rss), default=None))
+    return out
+
+
+def summarize(lat: list[float], codes: dict[int, int], sent: int, wall: float) -> dict:
+    a = np.asarray(lat) * 1000
+    return {"requests": sent, "wall_s": round(wall, 3), "ok_per_s": round(codes.get(200, 0) / wall, 2),
+            "codes": {str(k): v for k, v in sorted(codes.items())},
+            "latency_ms": {q: (round(float(np.percentile(a, p)), 2) if a.size else None)
+                           for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}}
+
+
+def offline(engine_dir: str, batch: int, threads: int | None, seconds: float) -> dict:
+    from deploykit.runtime.cascade import Cascade
+
+    with Cascade.from_dir(engine_dir, threads=threads) as c:
+        shape = [int(v) for v in c.manifest.input_spec.shape[1:]]
+        x = np.random.default_rng(0).standard_normal([batch, *shape]).astype(np.float32)
+        for _ in range(3):
+            c.run(x)
+        times = []
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end or len(times) < 5:
+            t0 = time.perf_counter()
+            c.run(x)
+            times.append(time.perf_counter() - t0)
+        med = float(np.median(times))
+        return {"batch": batch, "runs": len(times), "batch_s_median": med, "rows_per_s": batch / med,
+                "input_shape": shape, "model": c.manifest.name}
+
+
+def batch_hist(url: str) -> dict[str, float]:
+    """Cumulative batch-size buckets, plus the batch compute-time sum / count (keys ``_sum``, ``_count``)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("deploykit_batch_size_bucket{"):
+            le = line.split('le="')[1].split('"')[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("deploykit_batch_compute_duration_seconds_sum{"):
+            out["_sum"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("deploykit_batch_compute_duration_seconds_count{"):
+            out["_count"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def hist_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, int]:
+    """Batches per size bucket between two scrapes (de-cumulated)."""
+    keys = sorted((k for k in b if not k.startswith("_")), key=lambda k: float("inf") if k == "+Inf" else float(k))
+    out, prev = {}, 0.0
+    for k in keys:
+        cum = b[k] - a.get(k, 0.0)
+        if cum - prev:
+            out[f"<={k}"] = int(cum - prev)
+        prev = cum
+    return out
+
+
+def read_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from deploykit.cli import main; main()", "serve-local", args.engine_dir,
+           "--port", str(port), "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms",
+           str(args.max_queue_delay_ms), "--max-queue", str(args.max_queue)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import urllib.request
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit("server exited during startup") from None
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+def cpu_model() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    h = report["closed_loop"]["batch_size_distribution"]
+    ax[0].bar(list(h), list(h.values()), color="#2f6fed")
+    ax[0].set(title=f"batch sizes, {report['config']['clients']} clients", xlabel="rows per batch", ylabel="batches")
+    names = ["offline", "served", "overload\n(200s / wall incl. drain)"]
+    vals = [report["offline"]["rows_per_s"], report["closed_loop"]["ok_per_s"], report["overload"]["ok_per_s"]]
+    ax[1].bar(names, vals, color=["#888", "#2f6fed", "#e07b00"])
+    ax[1].set(title=f"throughput (rows/s), max batch {report['config']['max_batch_size']}", ylabel="rows/s")
+    for i, v in enumerate(vals):
+        ax[1].text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    fig.suptitle(f"serve-local load test: {report['offline']['model']} on {report['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine-dir", required=True)
+    p.add_argument("--url", help="use a running server on 127.0.0.1 instead of starting one")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--max-requests", type=int, default=200_000)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--warmup", type=float, default=3.0, help="closed loop: seconds left out of steady-state p99")
+    p.add_argument("--overload-factor", type=float, default=4.0)
+    p.add_argument("--overload-duration", type=float, default=6.0)
+    p.add_argument("--offline-seconds", type=float, default=5.0)
+    p.add_argument("--out", default="benchmarks/results/serve_load.json")
+    args = p.parse_args()
+
+    load_start = os.getloadavg()
+    off = offline(args.engine_dir, args.max_batch_size, args.threads, args.offline_seconds)
+    proc = None
+    if args.url:
+        if not args.url.startswith(("http://127.0.0.1", "http://localhost")):
+            raise SystemExit("loopback only: --url must be http://127.0.0.1:PORT")
+        url = args.url.rstrip("/")
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = start_server(args, port)
+        url = f"http://127.0.0.1:{port}"
+    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+    path = f"/v2/models/{off['model']}/infer"
+    bodies, headers = make_payloads(off["input_shape"])
+    try:
+        asyncio.run(closed_loop(host, port, path, bodies, headers, 8, 1.0, 2000))  # warm-up
+        h0 = batch_hist(url)
+        closed = asyncio.run(closed_loop(host, port, path, bodies, headers, args.clients, args.duration,
+                                         args.max_requests, args.warmup))
+        h1 = batch_hist(url)
+        closed["batch_size_distribution"] = hist_delta(h0, h1)
+        n_batches = h1.get("_count", 0) - h0.get("_count", 0)
+        busy = h1.get("_sum", 0) - h0.get("_sum", 0)
+        closed["served_batch_s_mean"] = busy / n_batches if n_batches else None
+        closed["inference_thread_busy_fraction"] = round(busy / closed["wall_s"], 3)
+        rate = args.overload_factor * closed["ok_per_s"]
+        over = asyncio.run(open_loop(host, port, path, bodies, headers, rate, args.overload_duration,
+                                     args.max_requests, proc.pid if proc else None))
+        time.sleep(1.0)
+        recovery = asyncio.run(closed_loop(host, port, path, bodies, headers, 4, 3.0, 5000))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            rc = proc.wait(timeout=60)
+    off_after = offline(args.engine_dir, args.max_batch_size, args.threads, args.offline_seconds)
+    bound_ms = 2 * (args.max_queue_delay_ms + 1000 * off["batch_s_median"])
+    served_bound_ms = 2 * (args.max_queue_delay_ms + 1000 * (closed["served_batch_s_mean"] or 0))
+    report = {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "note": "2 cores shared with other developers' jobs; figures are noisy",
+        "config": vars(args), "offline": off, "offline_after": off_after, "closed_loop": closed, "overload": over,
+        "recovery": recovery,
+        "server_exit_code": rc if proc is not None else None,
+        "targets": {
+            "served_over_offline": round(closed["ok_per_s"] / off["rows_per_s"], 3),
+            "throughput_ok": closed["ok_per_s"] >= 0.8 * off["rows_per_s"],
+            "p99_ms": closed["latency_ms"]["p99"], "p99_bound_ms": round(bound_ms, 2),
+            "p99_ok": (closed["latency_ms"]["p99"] or 1e9) <= bound_ms,
+            "served_over_offline_after": round(closed["ok_per_s"] / off_after["rows_per_s"], 3),
+            "p99_bound_with_served_batch_time_ms": round(served_bound_ms, 2),
+            "p99_ok_with_served_batch_time": (closed["latency_ms"]["p99"] or 1e9) <= served_bound_ms,
+            "steady_p99_ms": closed.get("steady", {}).get("latency_ms", {}).get("p99"),
+            "overload_only_503": set(over["codes"]) <= {"200", "503"},
+            "overload_answered_exactly_once": over["answered_exactly_once"],
+            "recovered": set(recovery["codes"]) == {"200"},
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(json.dumps({"offline": off["rows_per_s"], "offline_after": off_after["rows_per_s"], "closed": closed,
+                      "overload_codes": over["codes"],
+                      "targets": report["targets"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

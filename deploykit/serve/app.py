@@ -1,0 +1,202 @@
+"""The serve-local HTTP app (Starlette): KServe v2 REST routes, ``/metrics``, ``/stats`` and the page at ``/``.
+
+The app owns a :class:`~deploykit.serve.batcher.Batcher` started and drained by the ASGI lifespan, so a server
+shutdown (SIGTERM) finishes every request in flight before the cascade is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from deploykit import __version__
+from deploykit.data.preprocess import load_image, preprocess_image
+from deploykit.errors import DataError
+from deploykit.serve import protocol
+from deploykit.serve.batcher import Batcher, QueueFull
+from deploykit.serve.metrics import ServeMetrics
+
+_PARSE_IN_THREAD_BYTES = 64 * 1024
+
+
+@dataclass
+class ServeConfig:
+    """Batching and admission knobs (CLI flags of ``deploykit serve-local``)."""
+
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0
+    max_queue: int = 256
+    max_request_mb: float = 16.0
+    retry_after_s: int = 1
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
+    """Build the ASGI app around a loaded cascade (anything with ``run``, ``manifest``)."""
+    config = config or ServeConfig()
+    manifest = cascade.manifest
+    info = protocol.ModelInfo.from_manifest(manifest)
+    metrics = ServeMetrics(info.name, info.num_stages, config.max_batch_size)
+    max_bytes = int(config.max_request_mb * 1024 * 1024)
+    pre = manifest.preprocessing
+
+    def run_batch(x: np.ndarray, thresholds: tuple[float | None, ...] | None) -> dict[str, Any]:
+        r = cascade.run(x, list(thresholds) if thresholds is not None else None)
+        return {"probs": r.probs, "exit_stage": r.exit_stage, "score": r.score,
+                "stage_batch_sizes": list(r.stage_batch_sizes)}
+
+    batcher = Batcher(run_batch, config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.max_queue,
+                      on_batch=metrics.observe_batch)
+
+    def decode_image(data: bytes) -> np.ndarray:
+        return preprocess_image(load_image(data), pre)
+
+    def parse(body: bytes, headers: dict[str, str]) -> protocol.InferRequest:
+        return protocol.parse_infer_request(body, headers, info, decode_image)
+
+    def check_model(request: Request) -> None:
+        name = request.path_params["name"]
+        version = request.path_params.get("version")
+        if name != info.name:
+            raise _HTTPError(404, f"model {name!r} is not served here; this server serves {info.name!r}")
+        if version is not None and version != info.version:
+            raise _HTTPError(404, f"model {name!r} has no version {version!r}; available: [{info.version!r}]")
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            if int(declared) <= 4 * max_bytes:  # read and drop it, so simple clients see the 413, not a reset
+                async for _ in request.stream():
+                    pass
+            raise _HTTPError(413, f"request body of {int(declared)} bytes is over the limit of {max_bytes} bytes "
+                                  f"(--max-request-mb {config.max_request_mb:g}); send fewer rows per request")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _HTTPError(413, f"request body is over the limit of {max_bytes} bytes "
+                                      f"(--max-request-mb {config.max_request_mb:g}); send fewer rows per request")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def infer_once(request: Request) -> tuple[Response, int, float | None]:
+        check_model(request)
+        body = await read_body(request)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            if len(body) > _PARSE_IN_THREAD_BYTES or b'"BYTES"' in body[:4096]:
+                req = await asyncio.get_running_loop().run_in_executor(None, parse, body, headers)
+            else:
+                req = parse(body, headers)
+        except protocol.ProtocolError as e:
+            raise _HTTPError(e.status, str(e)) from e
+        try:
+            result, queue_s = await batcher.submit(req.rows, req.thresholds)
+        except QueueFull as e:
+            raise _HTTPError(503, f"server busy: {e}; retry after {config.retry_after_s} s",
+                             {"retry-after": str(config.retry_after_s)}) from e
+        except DataError as e:
+            raise _HTTPError(400, str(e)) from e
+        except Exception as e:  # engine fault: this batch fails, the server stays up
+            raise _HTTPError(500, f"inference failed ({type(e).__name__}: {e}); the server is still up, "
+                                  "retry or check the engine") from e
+        body_out, extra = protocol.build_response(req, protocol.output_arrays(result, info.labels), info)
+        return Response(body_out, 200, headers=extra), 200, queue_s
+
+    async def infer(request: Request) -> Response:
+        t0 = time.perf_counter()
+        code, queue_s = 500, None
+        metrics.in_flight.labels(info.name).inc()
+        try:
+            response, code, queue_s = await infer_once(request)
+            return response
+        except _HTTPError as e:
+            code = e.status
+            return _error(e.status, str(e), e.headers)
+        finally:
+            metrics.in_flight.labels(info.name).dec()
+            metrics.observe_request(code, time.perf_counter() - t0, queue_s)
+
+    async def live(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(request: Request) -> Response:
+        return Response(status_code=503 if batcher.closing else 200)
+
+    async def server_meta(request: Request) -> Response:
+        return JSONResponse(protocol.server_metadata(__version__))
+
+    async def model_meta(request: Request) -> Response:
+        try:
+            check_model(request)
+        except _HTTPError as e:
+            return _error(e.status, str(e))
+        return JSONResponse(protocol.model_metadata(info))
+
+    async def model_ready(request: Request) -> Response:
+        try:
+            check_model(request)
+        except _HTTPError as e:
+            return _error(e.status, str(e))
+        return Response(status_code=503 if batcher.closing else 200)
+
+    async def prom(request: Request) -> Response:
+        metrics.queue_depth.labels(info.name).set(batcher.depth)
+        return Response(metrics.exposition(), headers={"content-type": metrics.content_type})
+
+    async def stats(request: Request) -> Response:
+        s = metrics.summary()
+        s.update(queue_depth=batcher.depth, num_stages=info.num_stages, labels=info.labels,
+                 max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
+                 thresholds=list(manifest.thresholds()))
+        return JSONResponse(s)
+
+    page = resources.files("deploykit.serve").joinpath("static/index.html").read_text()
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        await batcher.drain_and_stop()
+
+    m = "/v2/models/{name}"
+    mv = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/", index), Route("/metrics", prom), Route("/stats", stats),
+        Route("/v2", server_meta), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+        Route(m, model_meta), Route(mv, model_meta),
+        Route(m + "/ready", model_ready), Route(mv + "/ready", model_ready),
+        Route(m + "/infer", infer, methods=["POST"]), Route(mv + "/infer", infer, methods=["POST"]),
+    ]
+    async def not_found(request: Request, exc: Exception) -> Response:
+        code = getattr(exc, "status_code", 404)
+        return _error(code, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}; "
+                            "see GET /v2 and /v2/models/{name} (KServe v2)")
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, info
+    return app
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    headers = {"content-type": "application/json", **(headers or {})}
+    return Response(protocol.error_body(message), status, headers=headers)

@@ -1,0 +1,112 @@
+"""Prometheus metrics (``deploykit_`` prefix, base units, ``_total`` counters) plus a small live summary for the page.
+
+Each server gets its own registry, so several servers in one process (tests) don't clash.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from deploykit.serve.batcher import BatchStats
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+OUTCOMES = {200: "success", 400: "bad_request", 404: "not_found", 413: "too_large", 500: "error",
+            503: "overloaded"}
+
+
+class ServeMetrics:
+    """Every series serve-local exports, and the rolling window behind ``/stats``."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model: str, num_stages: int, max_batch_size: int | None = None, window: int = 2000) -> None:
+        self.model = model
+        sizes = set(_SIZE_BUCKETS)
+        if max_batch_size:  # tell full batches from nearly-full ones
+            sizes |= {max_batch_size, max(1, max_batch_size - 1), max(1, 3 * max_batch_size // 4)}
+        size_buckets = tuple(sorted(sizes))
+        self.num_stages = num_stages
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("deploykit_requests_total", "Infer requests by outcome and HTTP status code.",
+                                ["model", "outcome", "code"], registry=r)
+        self.request_seconds = Histogram("deploykit_request_duration_seconds",
+                                         "Infer request latency, body read to response.", ["model"],
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("deploykit_queue_duration_seconds",
+                                       "Time a request waited in the batching queue.", ["model"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("deploykit_batch_compute_duration_seconds",
+                                         "Cascade time per batch.", ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("deploykit_batch_size", "Rows per cascade run (dynamic batch size).", ["model"],
+                                    buckets=size_buckets, registry=r)
+        self.stage_batch_size = Histogram("deploykit_stage_batch_size",
+                                          "Rows entering each stage after batch compaction.", ["model", "stage"],
+                                          buckets=size_buckets, registry=r)
+        self.exits = Counter("deploykit_exits_total", "Rows that exited at each stage.", ["model", "stage"],
+                             registry=r)
+        self.rows = Counter("deploykit_inference_rows_total", "Rows run through the cascade.", ["model"], registry=r)
+        self.batches = Counter("deploykit_batches_total", "Cascade runs, by outcome.", ["model", "outcome"],
+                               registry=r)
+        self.queue_depth = Gauge("deploykit_queue_depth", "Requests waiting in the batching queue.", ["model"],
+                                 registry=r)
+        self.in_flight = Gauge("deploykit_requests_in_flight", "Infer requests being handled.", ["model"],
+                               registry=r)
+        for k in range(num_stages):
+            self.exits.labels(model, str(k))
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=window)
+        self._exit_counts = np.zeros(num_stages, dtype=np.int64)
+        self._codes: dict[int, int] = {}
+        self._started = time.time()
+
+    def observe_request(self, code: int, seconds: float, queue_seconds: float | None) -> None:
+        """Record one finished infer request."""
+        self.requests.labels(self.model, OUTCOMES.get(code, "other"), str(code)).inc()
+        self.request_seconds.labels(self.model).observe(seconds)
+        if queue_seconds is not None:
+            self.queue_seconds.labels(self.model).observe(queue_seconds)
+        with self._lock:
+            self._codes[code] = self._codes.get(code, 0) + 1
+            if code == 200:
+                self._latencies.append(seconds)
+
+    def observe_batch(self, s: BatchStats) -> None:
+        """Record one cascade run (called by the batcher)."""
+        self.batches.labels(self.model, "error" if s.error else "success").inc()
+        self.batch_size.labels(self.model).observe(s.rows)
+        self.compute_seconds.labels(self.model).observe(s.seconds)
+        self.rows.labels(self.model).inc(s.rows)
+        if s.result is None:
+            return
+        for k, n in enumerate(s.result.get("stage_batch_sizes") or []):
+            self.stage_batch_size.labels(self.model, str(k)).observe(n)
+        counts = np.bincount(np.asarray(s.result["exit_stage"], dtype=np.int64), minlength=self.num_stages)
+        for k, n in enumerate(counts[: self.num_stages]):
+            if n:
+                self.exits.labels(self.model, str(k)).inc(int(n))
+        with self._lock:
+            self._exit_counts += counts[: self.num_stages]
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def summary(self) -> dict[str, Any]:
+        """A small JSON view for the page: exits per stage, recent latency percentiles, status codes."""
+        with self._lock:
+            lat = np.asarray(self._latencies, dtype=np.float64)
+            exits = self._exit_counts.tolist()
+            codes = {str(k): v for k, v in sorted(self._codes.items())}
+        pct = (lambda q: float(np.percentile(lat, q) * 1000)) if lat.size else (lambda q: None)
+        return {"model": self.model, "exits_per_stage": exits, "requests_by_code": codes,
+                "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "window": int(lat.size)},
+                "uptime_s": time.time() - self._started}

@@ -1,0 +1,353 @@
+"""KServe v2 / Open Inference Protocol: parse and validate infer requests, build responses and metadata.
+
+Front-end agnostic (no HTTP framework imports), so serve-local and a later Ray Serve front-end share it. Supports
+JSON tensors (flat or nested ``data``) and the binary tensor data extension that ``tritonclient`` uses by default
+(``Inference-Header-Content-Length`` header, ``binary_data_size`` per input, ``binary_data`` per output).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deploykit.errors import DataError
+
+HEADER_LENGTH = "inference-header-content-length"
+OUTPUT_NAMES = ("label", "probabilities", "exit_stage", "score", "class_index")
+_OUTPUT_TYPES = {"label": "BYTES", "probabilities": "FP32", "exit_stage": "INT64", "score": "FP32",
+                 "class_index": "INT64"}
+_NP = {"FP32": np.float32, "INT64": np.int64}
+
+
+class ProtocolError(Exception):
+    """A request that can't be served; ``status`` is the HTTP code, the message says what was expected."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class InferRequest:
+    """A parsed, validated infer request: the model-ready rows plus what to send back."""
+
+    rows: np.ndarray
+    thresholds: tuple[float | None, ...] | None = None
+    id: str | None = None
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUT_NAMES))
+    binary_outputs: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ModelInfo:
+    """What the protocol layer needs to know about the served model (taken from the manifest)."""
+
+    name: str
+    labels: list[str]
+    input_name: str
+    input_shape: tuple[int, int, int]
+    num_stages: int
+    platform: str = "deploykit_cascade"
+    version: str = "1"
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> ModelInfo:
+        spec = manifest.input_spec
+        c, h, w = (int(v) for v in spec.shape[1:])
+        return cls(name=manifest.name, labels=list(manifest.labels), input_name=spec.name,
+                   input_shape=(c, h, w), num_stages=manifest.num_stages)
+
+
+# ---- metadata ----------------------------------------------------------------------------------------------
+def server_metadata(version: str) -> dict[str, Any]:
+    """Body of ``GET /v2``."""
+    return {"name": "deploykit", "version": version, "extensions": ["binary_tensor_data"]}
+
+
+def model_metadata(info: ModelInfo) -> dict[str, Any]:
+    """Body of ``GET /v2/models/{name}``: one FP32 pixel input or one BYTES image-file input (send one of them)."""
+    c, h, w = info.input_shape
+    k = len(info.labels)
+    return {
+        "name": info.name,
+        "versions": [info.version],
+        "platform": info.platform,
+        "inputs": [
+            {"name": info.input_name, "datatype": "FP32", "shape": [-1, c, h, w]},
+            {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+            {"name": "exit_stage", "datatype": "INT64", "shape": [-1]},
+            {"name": "score", "datatype": "FP32", "shape": [-1]},
+            {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+        ],
+        "parameters": {"num_stages": info.num_stages},
+    }
+
+
+# ---- request parsing ---------------------------------------------------------------------------------------
+def parse_infer_request(body: bytes, headers: dict[str, str], info: ModelInfo,
+                        decode_image: Callable[[bytes], np.ndarray]) -> InferRequest:
+    """Validate an infer request body and turn it into model-ready ``float32 [B, C, H, W]`` rows.
+
+    Args:
+        body: the raw request body (JSON, or JSON header + binary tensors).
+        headers: request headers, lower-cased keys.
+        info: the served model.
+        decode_image: image-file bytes -> ``float32 [C, H, W]`` (raises DataError when undecodable).
+
+    Raises:
+        ProtocolError: 400 with a message saying what was expected.
+    """
+    header, binary = _split_body(body, headers)
+    try:
+        req = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"request body is not valid JSON ({e}); expected a KServe v2 infer request "
+                            '{"inputs": [{"name", "shape", "datatype", "data"}]}') from e
+    if not isinstance(req, dict):
+        raise ProtocolError(f"request body must be a JSON object, found {type(req).__name__}")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        chw = ",".join(map(str, info.input_shape))
+        raise ProtocolError(f"expected exactly one input ('{info.input_name}' FP32 [B,{chw}] or 'image_bytes' "
+                            f"BYTES [B]), found {_describe_inputs(inputs)}")
+    tensor = inputs[0]
+    dtype = tensor.get("datatype")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"input 'shape' must be a list of non-negative integers, found {shape!r}")
+    raw = _binary_part(tensor, binary)
+    if dtype == "FP32":
+        rows = _fp32_rows(tensor, shape, raw, info)
+    elif dtype == "BYTES":
+        rows = _bytes_rows(tensor, shape, raw, info, decode_image)
+    else:
+        raise ProtocolError(f"input datatype {dtype!r} is not supported; send FP32 pre-processed pixels "
+                            f"[B,{','.join(map(str, info.input_shape))}] or BYTES image files")
+    if rows.shape[0] == 0:
+        raise ProtocolError("the request has a batch of 0 rows; send at least one")
+    if not np.isfinite(rows).all():
+        raise ProtocolError("input has NaN or infinite values; expected finite pre-processed pixels")
+    outputs, binary_outputs = _requested_outputs(req)
+    return InferRequest(rows=rows, thresholds=parse_thresholds(req.get("parameters"), info.num_stages),
+                        id=None if req.get("id") is None else str(req["id"]),
+                        outputs=outputs, binary_outputs=binary_outputs)
+
+
+def parse_thresholds(params: Any, num_stages: int) -> tuple[float | None, ...] | None:
+    """Per-request exit thresholds from ``parameters``: ``exit_thresholds`` (one per stage) or ``exit_threshold``.
+
+    ``exit_threshold`` (a number) applies to every early exit; ``exit_thresholds`` lists one value (or null to
+    disable that exit) per stage. Neither: the manifest's thresholds.
+    """
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise ProtocolError(f"'parameters' must be a JSON object, found {type(params).__name__}")
+    if "exit_thresholds" in params:
+        thr = params["exit_thresholds"]
+        if not isinstance(thr, list) or len(thr) != num_stages:
+            raise ProtocolError(f"parameters.exit_thresholds must be a list of {num_stages} numbers or nulls "
+                                f"(one per stage), found {thr!r}")
+        return tuple(None if t is None else _threshold(t) for t in thr)
+    if "exit_threshold" in params:
+        t = _threshold(params["exit_threshold"])
+        return tuple([t] * (num_stages - 1) + [None])
+    return None
+
+
+def _threshold(t: Any) -> float:
+    if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= float(t) <= 1.0:
+        raise ProtocolError(f"exit thresholds must be numbers in [0, 1] (a row exits when score >= threshold), "
+                            f"found {t!r}")
+    return float(t)
+
+
+def _split_body(body: bytes, headers: dict[str, str]) -> tuple[bytes, bytes]:
+    size = headers.get(HEADER_LENGTH)
+    if size is None:
+        return body, b""
+    try:
+        n = int(size)
+    except ValueError as e:
+        raise ProtocolError(f"header Inference-Header-Content-Length must be an integer, found {size!r}") from e
+    if not 0 <= n <= len(body):
+        raise ProtocolError(f"Inference-Header-Content-Length {n} is outside the body of {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _binary_part(tensor: dict[str, Any], binary: bytes) -> bytes | None:
+    params = tensor.get("parameters") or {}
+    if not isinstance(params, dict) or "binary_data_size" not in params:
+        return None
+    n = params["binary_data_size"]
+    if not isinstance(n, int) or n != len(binary):
+        raise ProtocolError(f"binary_data_size {n!r} doesn't match the {len(binary)} binary bytes after the JSON "
+                            "header")
+    return binary
+
+
+def _fp32_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info: ModelInfo) -> np.ndarray:
+    chw = list(info.input_shape)
+    want = f"[B,{','.join(map(str, chw))}]"
+    if shape[1:] != chw or len(shape) != 4:
+        if shape != chw:
+            raise ProtocolError(f"FP32 input shape {shape} doesn't fit this model; expected {want} "
+                                "(pre-processed pixels, normalised per the model's preprocessing)")
+        shape = [1, *chw]
+    count = int(np.prod(shape))
+    if raw is not None:
+        if len(raw) != count * 4:
+            raise ProtocolError(f"binary FP32 data has {len(raw)} bytes; shape {shape} needs {count * 4}")
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False).reshape(shape)
+    data = tensor.get("data")
+    if data is None:
+        raise ProtocolError("input has no 'data' (and no binary_data_size); expected row-major FP32 values")
+    try:
+        arr = np.asarray(data, dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(f"FP32 input 'data' must be numbers (flat or nested row-major), found an invalid "
+                            f"value ({e})") from e
+    if arr.size != count:
+        raise ProtocolError(f"FP32 input 'data' has {arr.size} values; shape {shape} needs {count}")
+    return arr.astype(np.float32).reshape(shape)
+
+
+def _bytes_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info: ModelInfo,
+                decode_image: Callable[[bytes], np.ndarray]) -> np.ndarray:
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise ProtocolError(f"BYTES input shape {shape} is not supported; expected [B] (one image file per row)")
+    count = shape[0]
+    if raw is not None:
+        items = _unpack_bytes(raw)
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            raise ProtocolError("BYTES input 'data' must be a list of base64-encoded image files")
+        items = [_flatten_one(d) for d in data]
+    if len(items) != count:
+        raise ProtocolError(f"BYTES input has {len(items)} elements; shape {shape} needs {count}")
+    rows = np.empty((count, *info.input_shape), dtype=np.float32)
+    for i, item in enumerate(items):
+        try:
+            rows[i] = decode_image(_maybe_base64(item))
+        except DataError as e:
+            raise ProtocolError(f"row {i}: {e}") from e
+    return rows
+
+
+def _flatten_one(d: Any) -> bytes:
+    while isinstance(d, list) and len(d) == 1:
+        d = d[0]
+    if isinstance(d, str):
+        return d.encode("ascii", errors="replace")
+    raise ProtocolError(f"BYTES input elements must be base64 strings, found {type(d).__name__}")
+
+
+def _maybe_base64(item: bytes) -> bytes:
+    """Base64 text is decoded; raw image files (binary extension) pass through (their magic isn't base64)."""
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        return item
+
+
+def _unpack_bytes(raw: bytes) -> list[bytes]:
+    items, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise ProtocolError("binary BYTES data is truncated; expected 4-byte length prefixes")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise ProtocolError("binary BYTES element runs past the end of the body")
+        items.append(raw[pos: pos + n])
+        pos += n
+    return items
+
+
+def _requested_outputs(req: dict[str, Any]) -> tuple[list[str], set[str]]:
+    params = req.get("parameters") if isinstance(req.get("parameters"), dict) else {}
+    all_binary = bool(params.get("binary_data_output", False))
+    wanted = req.get("outputs")
+    if wanted is None:
+        return list(OUTPUT_NAMES), set(OUTPUT_NAMES) if all_binary else set()
+    if not isinstance(wanted, list):
+        raise ProtocolError("'outputs' must be a list of {\"name\": ...} objects")
+    names, binary = [], set()
+    for o in wanted:
+        name = o.get("name") if isinstance(o, dict) else None
+        if name not in OUTPUT_NAMES:
+            raise ProtocolError(f"unknown output {name!r}; this model has outputs {list(OUTPUT_NAMES)}")
+        names.append(name)
+        p = o.get("parameters") or {}
+        if (isinstance(p, dict) and p.get("binary_data", all_binary)) or (not isinstance(p, dict) and all_binary):
+            binary.add(name)
+    return names, binary
+
+
+def _describe_inputs(inputs: Any) -> str:
+    if not isinstance(inputs, list):
+        return f"'inputs' of type {type(inputs).__name__}"
+    return f"{len(inputs)} input(s)"
+
+
+# ---- responses ---------------------------------------------------------------------------------------------
+def output_arrays(result: dict[str, np.ndarray], labels: list[str]) -> dict[str, np.ndarray]:
+    """Protocol outputs for a slice of a cascade result (``probs``, ``exit_stage``, ``score``)."""
+    probs = np.asarray(result["probs"], dtype=np.float32)
+    idx = probs.argmax(axis=1).astype(np.int64)
+    return {
+        "label": np.array([labels[i] for i in idx], dtype=object),
+        "probabilities": probs,
+        "exit_stage": np.asarray(result["exit_stage"], dtype=np.int64),
+        "score": np.asarray(result["score"], dtype=np.float32),
+        "class_index": idx,
+    }
+
+
+def build_response(req: InferRequest, arrays: dict[str, np.ndarray], info: ModelInfo) -> tuple[bytes, dict[str, str]]:
+    """Response body and extra headers; binary outputs follow the JSON header (binary tensor data extension)."""
+    outs, blobs = [], []
+    for name in req.outputs:
+        a = arrays[name]
+        entry: dict[str, Any] = {"name": name, "datatype": _OUTPUT_TYPES[name], "shape": list(a.shape)}
+        if name in req.binary_outputs:
+            dt = _NP.get(entry["datatype"])
+            blob = _pack_bytes(a) if dt is None else np.ascontiguousarray(a, dtype=dt).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = [str(v) for v in a.reshape(-1)] if name == "label" else a.reshape(-1).tolist()
+        outs.append(entry)
+    body: dict[str, Any] = {"model_name": info.name, "model_version": info.version, "outputs": outs}
+    if req.id is not None:
+        body["id"] = req.id
+    header = json.dumps(body, separators=(",", ":")).encode()
+    if not blobs:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(blobs), {"content-type": "application/octet-stream",
+                                      "inference-header-content-length": str(len(header))}
+
+
+def _pack_bytes(a: np.ndarray) -> bytes:
+    parts = []
+    for v in a.reshape(-1):
+        b = v if isinstance(v, bytes) else str(v).encode()
+        parts.append(struct.pack("<I", len(b)) + b)
+    return b"".join(parts)
+
+
+def error_body(message: str) -> bytes:
+    """``{"error": "..."}``, the protocol's error form."""
+    return json.dumps({"error": message}).encode()

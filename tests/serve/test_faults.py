@@ -1,0 +1,97 @@
+"""Overload (503), engine faults (500, server stays up) and SIGTERM drain (exit 0), over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from conftest import ThreadServer, free_port, rows
+from helpers import error, fp32_request, http, outputs
+
+from deploykit.errors import BackendError
+from deploykit.serve.app import ServeConfig, create_app
+
+
+class _Engine:
+    """The real cascade with an injected fault: a row whose first value is 99 makes the engine raise, and an
+    optional delay makes each batch slow (to fill the queue)."""
+
+    def __init__(self, cascade: Any, delay_s: float = 0.0) -> None:
+        self.cascade, self.manifest, self.delay_s = cascade, cascade.manifest, delay_s
+
+    def run(self, x: np.ndarray, thresholds: Any = None) -> Any:
+        time.sleep(self.delay_s)
+        if (x[:, 0, 0, 0] == 99.0).any():
+            raise BackendError("stage 1: injected engine failure")
+        return self.cascade.run(x, thresholds)
+
+
+def test_engine_error_fails_its_batch_and_server_stays_up(cascade):
+    app = create_app(_Engine(cascade), ServeConfig(max_batch_size=8, max_queue_delay_ms=1))
+    with ThreadServer(app) as s:
+        url = s.url + "/v2/models/tiny/infer"
+        bad = rows(2)
+        bad[0, 0, 0, 0] = 99.0
+        code, _, body = http(url, fp32_request(bad))
+        assert code == 500 and "injected engine failure" in error(body) and "still up" in error(body)
+        assert http(s.url + "/v2/health/live")[0] == 200
+        code, _, body = http(url, fp32_request(rows(3)))
+        assert code == 200 and outputs(body)["probabilities"].shape == (3, 10)
+        text = http(s.url + "/metrics")[2].decode()
+        assert 'deploykit_requests_total{code="500",model="tiny",outcome="error"} 1.0' in text
+
+
+def test_full_queue_answers_503_with_retry_after(cascade):
+    app = create_app(_Engine(cascade, delay_s=0.3), ServeConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue=2))
+    with ThreadServer(app) as s:
+        url = s.url + "/v2/models/tiny/infer"
+        with ThreadPoolExecutor(10) as ex:
+            results = list(ex.map(lambda i: http(url, fp32_request(rows(1, seed=i))), range(10)))
+        codes = sorted(c for c, _, _ in results)
+        assert set(codes) == {200, 503} and len(codes) == 10, codes
+        assert codes.count(200) >= 3  # one running + two queued at least
+        for code, headers, body in results:
+            if code == 503:
+                assert headers["retry-after"] == "1" and "busy" in error(body)
+        assert http(url, fp32_request(rows(1)))[0] == 200  # recovers once the burst is over
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(engine_dir):
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", "from deploykit.cli import main; main()", "serve-local", str(engine_dir),
+           "--port", str(port), "--max-batch-size", "64", "--max-queue-delay-ms", "1500", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if http(url + "/v2/health/ready", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+            time.sleep(0.1)
+        with ThreadPoolExecutor(5) as ex:
+            futs = [ex.submit(http, url + "/v2/models/tiny/infer", fp32_request(rows(2, seed=i))) for i in range(5)]
+            time.sleep(0.5)  # all five are waiting in the 1.5 s batching window
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futs]
+        assert [c for c, _, _ in results] == [200] * 5
+        assert proc.wait(timeout=30) == 0
+        try:
+            http(url + "/v2/health/live", timeout=1)
+            raise AssertionError("server still accepts connections after SIGTERM")
+        except OSError:
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
