@@ -140,18 +140,41 @@ def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: 
 @click.option("--warmup", default=2, show_default=True)
 @click.option("--threads", type=int, help="Intra-op threads (default: usable cores).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
+@click.option("--compare", type=click.Path(file_okay=False),
+              help="Second engine directory (e.g. the INT8 copy) timed side by side at the same exit fractions.")
 @_BACKEND
 @_friendly_errors
 def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] | None, checkpoint: str | None,
           data: str | None, samples: int, repeats: int, warmup: int, threads: int | None, json_out: str | None,
-          backend: str) -> None:
+          compare: str | None, backend: str) -> None:
     """Time monolithic, exit-less chain, cascade (and PyTorch eager) side by side; report speed-ups."""
     from deploykit.runtime.bench import bench as run_bench
 
     r = run_bench(engine_dir, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
                   data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
-                  backend=backend, progress=True)
+                  backend=backend, progress=True, compare=compare)
     _echo_json({"runs": r["runs"], **({"plot": r["plot"]} if "plot" in r else {})})
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="INT8 engine directory.")
+@click.option("--mode", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
+              help="dynamic: ORT CPU only; static: calibrated QDQ graphs (ORT CPU and TensorRT).")
+@click.option("--calib-data", default="digits", show_default=True, help="Static: digits or imagefolder:PATH (train).")
+@click.option("--calib-samples", default=256, show_default=True, type=int, help="Static: calibration images.")
+@click.option("--force", is_flag=True, help="Replace an existing engine directory at --out.")
+@_friendly_errors
+def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_samples: int, force: bool) -> None:
+    """Write an INT8 copy of ENGINE_DIR (exit heads and scores stay FP32); re-run calibrate on it afterwards."""
+    from deploykit.export.quantize import quantize as run_quantize
+
+    m = run_quantize(engine_dir, out, mode=mode, calib_data=calib_data, calib_samples=calib_samples,
+                     overwrite=force)
+    q = m.extra["quantization"]
+    n = sum(len(g["quantized_nodes"]) for g in q["graphs"].values())
+    click.echo(f"wrote {m.num_stages} {m.stages[0].precision} stage graphs + full.onnx to {out} ({n} nodes INT8, "
+               f"exit heads FP32); thresholds are stale: run `deploykit calibrate {out}`")
 
 
 @main.command()
