@@ -181,13 +181,17 @@ def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_sample
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--thresholds", callback=_csv(float), help="Override the manifest's thresholds (one per early exit).")
+@click.option("--text", "texts", multiple=True, help="MuE engines: one hypothesis per image (entailment).")
+@click.option("--task", type=click.Choice(["entailment", "caption"]), help="MuE engines: what to generate.")
 @_BACKEND
 @_friendly_errors
-def predict(engine_dir: str, images: tuple[str, ...], thresholds: list[float] | None, backend: str) -> None:
-    """Classify image files; prints one JSON line per image (label, confidence, exit stage)."""
+def predict(engine_dir: str, images: tuple[str, ...], thresholds: list[float] | None, texts: tuple[str, ...],
+            task: str | None, backend: str) -> None:
+    """Classify image files (or, for MuE engines, answer / caption them); one JSON line per image."""
     from deploykit.runtime.predict import predict as run_predict
 
-    for r in run_predict(engine_dir, list(images), backend=backend, thresholds=thresholds):
+    for r in run_predict(engine_dir, list(images), backend=backend, thresholds=thresholds,
+                         texts=list(texts) or None, task=task):
         click.echo(json.dumps(r))
 
 
@@ -244,15 +248,18 @@ def info(engine_dir: str) -> None:
 @click.option("--max-queue", default=256, show_default=True, type=int, help="Waiting requests before 503.")
 @click.option("--max-request-mb", default=16.0, show_default=True, type=float, help="Request body limit (413).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads for the backend (default: its own).")
+@click.option("--latency-slo-ms", default=None, type=float,
+              help="Load-adaptive exits: move to earlier exits (calibrated curve) when latency nears this p99 target.")
 @_friendly_errors
 def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
-                    max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None) -> None:
+                    max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None,
+                    latency_slo_ms: float | None) -> None:
     """Serve ENGINE_DIR over HTTP (KServe v2 protocol) with dynamic batching, /metrics and a page at /."""
     from deploykit.serve import serve_local
 
     serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, max_request_mb=max_request_mb,
-                threads=threads)
+                threads=threads, latency_slo_ms=latency_slo_ms)
 
 
 # ---- GPU deployment: TensorRT lint and engine build (issue 6) ---------------------------------------------------

@@ -178,7 +178,12 @@ def export_run(
     """
     from deploykit.data import stack_split
     from deploykit.train import load_run
+    from deploykit.train.checkpoint import read_config
 
+    if read_config(run_dir).get("method", {}).get("name") == "mue":
+        from deploykit.export.mue import export_mue
+
+        return export_mue(run_dir, out_dir, check=check)
     model, config = load_run(run_dir)
     run_dir = Path(run_dir)
     parity = None

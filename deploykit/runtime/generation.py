@@ -1,5 +1,7 @@
-"""MuE on ONNX Runtime: two encoder streams with independent per-sample exits and batch compaction, then a greedy
-generation loop with per-token decoder exits (``MuEEngine``); ``predict_vl`` and ``bench_vl`` for the CLI.
+"""MuE on ONNX Runtime: ``MuEEngine``, plus ``predict_vl`` and ``bench_vl`` for the CLI.
+
+Two encoder streams with independent per-sample exits and batch compaction, then a greedy generation loop with
+per-token decoder exits.
 
 Compaction: after every encoder layer, rows whose stream exited drop out of that stream's batch; in the decoder,
 rows that exit at layer j drop out of layers j+1.. for that step, and rows that finished (``<eos>``) drop out of
@@ -155,13 +157,8 @@ class MuEEngine:
                 nxt = self.answer_ids[logits[:, self.answer_ids].argmax(-1)]
             else:
                 nxt = logits.argmax(-1)
-            tokens[alive, s], nsteps[alive] = nxt, s + 1
-            keep = nxt != Vocab.eos_id
-            alive, tok = alive[keep], nxt[keep]
-            tok = np.concatenate([tok, np.zeros(0, np.int64)])
-            full_tok = np.zeros(n, np.int64)
-            full_tok[alive] = tok
-            tok = full_tok
+            tokens[alive, s], nsteps[alive], tok[alive] = nxt, s + 1, nxt
+            alive = alive[nxt != Vocab.eos_id]  # finished rows leave the batch
             if not len(alive):
                 break
         return tokens, used, nsteps
@@ -226,8 +223,11 @@ def predict_vl(engine_dir: str | os.PathLike, image_paths: list[Any], texts: lis
 def bench_vl(engine_dir: str | os.PathLike, task: str | None = None, n: int = 200, batch_size: int = 1,
              repeats: int = 3, threads: int | None = None, thresholds: dict[str, Any] | None = None
              ) -> dict[str, Any]:
-    """``deploykit bench`` for MuE engines, on the SYNTHETIC test split: quality and layers used with the engine's
-    thresholds vs full depth, and the wall-clock of both (median of ``repeats``, after a warm-up)."""
+    """``deploykit bench`` for MuE engines, on the SYNTHETIC test split.
+
+    Quality and layers used with the engine's thresholds vs full depth, and the wall-clock of both (median of
+    ``repeats``, after a warm-up).
+    """
     from deploykit.data.vl import synthetic_vl
     from deploykit.methods.mue.metrics import corpus_bleu
 

@@ -17,8 +17,25 @@ def predict(
         backend: str = "ort-cpu",
         thresholds: list[float | None] | None = None,
         batch_size: int = 32,
+        texts: list[str] | None = None,
+        task: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Classify image files with the cascade; every image is decoded first, so a bad file fails before any work."""
+    """Classify image files with the cascade; every image is decoded first, so a bad file fails before any work.
+
+    MuE (vision-language) engines answer instead: ``task`` ``entailment`` (one hypothesis in ``texts`` per image)
+    or ``caption``.
+    """
+    from deploykit.manifest import Manifest
+
+    manifest = Manifest.load(engine_dir)
+    if manifest.task.startswith("vl"):
+        from deploykit.runtime.generation import predict_vl
+
+        return predict_vl(engine_dir, list(images), texts, task or ("entailment" if texts else "caption"))
+    if texts or task:
+        from deploykit.errors import ConfigError
+
+        raise ConfigError("--text / --task apply to vision-language (MuE) engines; this is a classifier")
     with Cascade.from_dir(engine_dir, backend=backend) as cascade:
         m = cascade.manifest
         arrays = [preprocess_image(load_image(p), m.preprocessing) for p in images]

@@ -1,0 +1,90 @@
+"""PyTorch reference of MuE inference, one sample at a time: the ground truth the ORT runtime is checked against.
+
+It shares no code with the runtime's batching and compaction, so parity (identical answers and greedy captions) is
+a real check of both. Decisions are per sample because every call holds a single sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from deploykit.methods.mue.exits import cosine_per_sample, decoder_threshold, exits
+from deploykit.methods.mue.model import MuEModel, key_bias
+from deploykit.methods.mue.tokenizer import Vocab
+
+
+@dataclass
+class Thresholds:
+    """Exit thresholds of one task; ``None`` disables that exit (full depth)."""
+
+    img: float | None = None
+    txt: float | None = None
+    dec: float | None = None
+    decay: bool = False
+
+    @classmethod
+    def full_depth(cls) -> Thresholds:
+        return cls()
+
+
+@dataclass
+class SampleResult:
+    """Generated ids and the layers each part used."""
+
+    tokens: list[int]
+    img_layers: int
+    txt_layers: int
+    dec_layers: list[int] = field(default_factory=list)
+
+
+def _stream(model: MuEModel, x: torch.Tensor, mask: torch.Tensor, thr: float | None) -> tuple[torch.Tensor, int]:
+    used = 0
+    for i in range(model.cfg.enc_layers):
+        x, s = model.encoder_layer(i, x, mask)
+        used = i + 1
+        if bool(exits(s, thr)[0]):
+            break
+    return x, used
+
+
+@torch.no_grad()
+def reference_generate(model: MuEModel, image: torch.Tensor, ids: list[int], task: str, thr: Thresholds,
+                       kv_policy: str, answer_ids: list[int] | None = None) -> SampleResult:
+    """Greedy generation for one sample ``image [3, H, W]``; entailment answers in one constrained step."""
+    cfg, pad = model.cfg, Vocab.pad_id
+    ids_t = torch.tensor([ids])
+    img, p = _stream(model, model.embed_image(image[None]), torch.ones(1, cfg.num_patches), thr.img)
+    txt_mask = (ids_t != pad).float()
+    txt, q = _stream(model, model.embed_text(ids_t), txt_mask, thr.txt)
+    enc, enc_mask = model.encode_out(img, txt, txt_mask)
+    bias = key_bias(enc_mask)
+    cross = [layer.cross_kv(enc) for layer in model.dec]
+    h, dh = cfg.heads, cfg.dim // cfg.heads
+    cache = [[torch.zeros(1, h, 0, dh), torch.zeros(1, h, 0, dh)] for _ in model.dec]
+    tok, out, dec_used = Vocab.bos_id, [], []
+    steps = 1 if task == "entailment" else cfg.max_gen_len
+    for s in range(steps):
+        x = model.embed_dec(torch.tensor([[tok]]), torch.tensor([[s]]))
+        t = decoder_threshold(s, thr.dec, cfg.max_gen_len, thr.decay)
+        for j, layer in enumerate(model.dec):
+            y, k, v = layer.step(x, cache[j][0], cache[j][1], *cross[j], bias)
+            score = cosine_per_sample(y[:, 0], x[:, 0])
+            x = y
+            cache[j] = [torch.cat([cache[j][0], k], 2), torch.cat([cache[j][1], v], 2)]
+            if j < cfg.dec_layers - 1 and bool(exits(score, t)[0]):
+                for jj in range(j + 1, cfg.dec_layers):  # fill the skipped layers' caches for this position
+                    kk, vv = (k, v) if kv_policy == "copy" else model.dec[jj].self_kv(x)
+                    cache[jj] = [torch.cat([cache[jj][0], kk], 2), torch.cat([cache[jj][1], vv], 2)]
+                break
+        dec_used.append(j + 1)
+        logits = model.head(x)[0, 0]
+        if answer_ids is not None and task == "entailment":
+            tok = answer_ids[int(logits[answer_ids].argmax())]
+        else:
+            tok = int(logits.argmax())
+        out.append(tok)
+        if tok == Vocab.eos_id:
+            break
+    return SampleResult(out, p, q, dec_used)
