@@ -123,6 +123,9 @@ def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: 
 
     r = run_calibration(engine_dir, data=data, max_drop=max_drop, flops_budget=flops_budget, json_out=json_out,
                         backend=backend)
+    if "tasks" in r:  # MuE engine: per-task thresholds
+        _echo_json({t: {"thresholds": v["thresholds"], "test": v["test"]} for t, v in r["tasks"].items()})
+        return
     t = r["test"]
     click.echo(f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: full "
                f"{100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}% at "
@@ -296,3 +299,26 @@ def build(engine_dir: str, precision: str, max_batch: int, opt_batch: int | None
                            workspace_mb=workspace_mb)
     click.echo(f"built {precision} engines with TensorRT {record['version']} on {record['gpu']} "
                f"(batch 1..{record['max_batch']}, opt {record['opt_batch']}) in {record['build_seconds']} s")
+
+
+# ---- Triton model repository (issue 9) -------------------------------------------------------------------------
+@main.command("export-triton")
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Model repository to write.")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="Stage models as ONNX graphs or as the TensorRT plans of `deploykit build`.")
+@click.option("--max-batch-size", default=None, type=int, help="Triton max_batch_size (default: build's, else 32).")
+@click.option("--max-queue-delay-us", default=500, show_default=True, type=int, help="dynamic_batching delay.")
+@click.option("--instances", default=None, type=int,
+              help="Total stage instances, split by calibrated exit fractions x stage cost (default: 1 each).")
+@_friendly_errors
+def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: int | None, max_queue_delay_us: int,
+                      instances: int | None) -> None:
+    """Write a Triton model repository: one model per stage plus a Python-backend BLS model running the cascade."""
+    from deploykit.serve.triton import export_triton
+
+    r = export_triton(engine_dir, out, backend=backend, max_batch_size=max_batch_size,
+                      max_queue_delay_us=max_queue_delay_us, instances=instances)
+    click.echo(f"wrote {r['repository']}: {r['model']} (BLS cascade) + {', '.join(r['stage_models'])} "
+               f"({backend}, max batch {r['max_batch_size']}, instances {r['instances']}); serve with "
+               f"`tritonserver --model-repository {r['repository']}`")

@@ -15,10 +15,12 @@ from deploykit.errors import ConfigError
 
 def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort-cpu",
                 max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue: int = 256,
-                max_request_mb: float = 16.0, threads: int | None = None, log_level: str = "info") -> None:
+                max_request_mb: float = 16.0, threads: int | None = None, log_level: str = "info",
+                latency_slo_ms: float | None = None) -> None:
     """Load ``engine_dir`` and serve it until SIGINT / SIGTERM, then drain what is in flight and return.
 
     Binds 127.0.0.1 unless ``host`` says otherwise: putting a model on the network is the caller's explicit choice.
+    ``latency_slo_ms`` turns on load-adaptive exits (see :mod:`deploykit.serve.adaptive`); off by default.
     """
     try:
         import uvicorn
@@ -32,9 +34,12 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
         raise ConfigError("expected --max-batch-size >= 1, --max-queue >= 1, --max-queue-delay-ms >= 0 and "
                           f"--max-request-mb > 0; got {max_batch_size}, {max_queue}, {max_queue_delay_ms}, "
                           f"{max_request_mb}")
+    if latency_slo_ms is not None and latency_slo_ms <= 0:
+        raise ConfigError(f"expected --latency-slo-ms > 0, got {latency_slo_ms}")
     cascade = Cascade.from_dir(engine_dir, backend=backend, threads=threads)
     try:
-        app = create_app(cascade, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb))
+        app = create_app(cascade, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb,
+                                                latency_slo_ms=latency_slo_ms))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=60, loop="auto", http="auto")
         logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d", cascade.manifest.name, host, port)

@@ -24,6 +24,7 @@ from deploykit import __version__
 from deploykit.data.preprocess import load_image, preprocess_image
 from deploykit.errors import DataError
 from deploykit.serve import protocol
+from deploykit.serve.adaptive import AdaptiveController
 from deploykit.serve.batcher import Batcher, QueueFull
 from deploykit.serve.metrics import ServeMetrics
 
@@ -39,6 +40,8 @@ class ServeConfig:
     max_queue: int = 256
     max_request_mb: float = 16.0
     retry_after_s: int = 1
+    latency_slo_ms: float | None = None  # load-adaptive exits (deploykit/serve/adaptive.py); None = off
+    adaptive_tick_s: float = 0.05
 
 
 class _HTTPError(Exception):
@@ -56,10 +59,22 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
     max_bytes = int(config.max_request_mb * 1024 * 1024)
     pre = manifest.preprocessing
 
+    adaptive = (AdaptiveController.from_manifest(manifest, config.latency_slo_ms)
+                if config.latency_slo_ms is not None else None)
+    if adaptive is not None:
+        adaptive.listeners.append(lambda p: metrics.observe_operating_point(p))
+        metrics.observe_operating_point(adaptive.current(), adaptive.slo_s)
+
     def run_batch(x: np.ndarray, thresholds: tuple[float | None, ...] | None) -> dict[str, Any]:
+        point = adaptive.current() if adaptive is not None and thresholds is None else None
+        if point is not None:  # requests without their own thresholds follow the controller
+            thresholds = point.thresholds
         r = cascade.run(x, list(thresholds) if thresholds is not None else None)
-        return {"probs": r.probs, "exit_stage": r.exit_stage, "score": r.score,
-                "stage_batch_sizes": list(r.stage_batch_sizes)}
+        out = {"probs": r.probs, "exit_stage": r.exit_stage, "score": r.score,
+               "stage_batch_sizes": list(r.stage_batch_sizes)}
+        if point is not None:
+            out["operating_point"] = np.full(len(x), point.level, dtype=np.int64)
+        return out
 
     batcher = Batcher(run_batch, config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.max_queue,
                       on_batch=metrics.observe_batch)
@@ -116,7 +131,10 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
         except Exception as e:  # engine fault: this batch fails, the server stays up
             raise _HTTPError(500, f"inference failed ({type(e).__name__}: {e}); the server is still up, "
                                   "retry or check the engine") from e
-        body_out, extra = protocol.build_response(req, protocol.output_arrays(result, info.labels), info)
+        params = None
+        if "operating_point" in result:  # a request split over batches reports its cheapest point
+            params = adaptive.ladder[int(result["operating_point"].max())].as_params()
+        body_out, extra = protocol.build_response(req, protocol.output_arrays(result, info.labels), info, params)
         return Response(body_out, 200, headers=extra), 200, queue_s
 
     async def infer(request: Request) -> Response:
@@ -132,6 +150,8 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
         finally:
             metrics.in_flight.labels(info.name).dec()
             metrics.observe_request(code, time.perf_counter() - t0, queue_s)
+            if adaptive is not None and code == 200:
+                adaptive.observe(time.perf_counter() - t0)
 
     async def live(request: Request) -> Response:
         return Response(status_code=200)
@@ -165,6 +185,8 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
         s.update(queue_depth=batcher.depth, num_stages=info.num_stages, labels=info.labels,
                  max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
                  thresholds=list(manifest.thresholds()))
+        if adaptive is not None:
+            s["adaptive"] = adaptive.state()
         return JSONResponse(s)
 
     page = resources.files("deploykit.serve").joinpath("static/index.html").read_text()
@@ -175,8 +197,16 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         batcher.start()
+        ticker = asyncio.get_running_loop().create_task(adapt()) if adaptive is not None else None
         yield
+        if ticker is not None:
+            ticker.cancel()
         await batcher.drain_and_stop()
+
+    async def adapt() -> None:
+        while True:
+            await asyncio.sleep(config.adaptive_tick_s)
+            adaptive.tick(batcher.oldest_wait_s)
 
     m = "/v2/models/{name}"
     mv = "/v2/models/{name}/versions/{version}"
@@ -194,6 +224,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, info
+    app.state.adaptive = adaptive
     return app
 
 

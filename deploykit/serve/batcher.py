@@ -115,6 +115,11 @@ class Batcher:
         return len(self._queue)
 
     @property
+    def oldest_wait_s(self) -> float:
+        """Seconds the oldest waiting request has been queued (0 when none): the load-adaptive controller's signal."""
+        return time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
+
+    @property
     def closing(self) -> bool:
         return self._closing
 

@@ -96,6 +96,33 @@ class ServeMetrics:
         with self._lock:
             self._exit_counts += counts[: self.num_stages]
 
+    def observe_operating_point(self, point: Any, slo_s: float | None = None) -> None:
+        """Set the load-adaptive gauges (created on first use, so servers without an SLO don't export them)."""
+        if not hasattr(self, "op_level"):
+            r = self.registry
+            self.op_level = Gauge("deploykit_operating_point", "Load-adaptive rung (0 = calibrated thresholds; "
+                                  "higher = cheaper, earlier exits).", ["model"], registry=r)
+            self.op_accuracy = Gauge("deploykit_operating_point_expected_accuracy",
+                                     "Accuracy the calibration curve predicts at the current operating point.",
+                                     ["model"], registry=r)
+            self.op_flops = Gauge("deploykit_operating_point_flops_ratio",
+                                  "Expected FLOPs / full-model FLOPs at the current operating point.", ["model"],
+                                  registry=r)
+            self.op_changes = Counter("deploykit_operating_point_changes_total", "Operating point moves.",
+                                      ["model", "direction"], registry=r)
+            self.op_slo = Gauge("deploykit_latency_slo_seconds", "The --latency-slo-ms target.", ["model"],
+                                registry=r)
+            self._op_last = point.level
+        elif point.level != self._op_last:
+            self.op_changes.labels(self.model, "down" if point.level > self._op_last else "up").inc()
+            self._op_last = point.level
+        if slo_s is not None:
+            self.op_slo.labels(self.model).set(slo_s)
+        self.op_level.labels(self.model).set(point.level)
+        self.op_flops.labels(self.model).set(point.flops_ratio)
+        if point.expected_accuracy is not None:
+            self.op_accuracy.labels(self.model).set(point.expected_accuracy)
+
     def exposition(self) -> bytes:
         """The Prometheus text format."""
         return generate_latest(self.registry)

@@ -316,8 +316,12 @@ def output_arrays(result: dict[str, np.ndarray], labels: list[str]) -> dict[str,
     }
 
 
-def build_response(req: InferRequest, arrays: dict[str, np.ndarray], info: ModelInfo) -> tuple[bytes, dict[str, str]]:
-    """Response body and extra headers; binary outputs follow the JSON header (binary tensor data extension)."""
+def build_response(req: InferRequest, arrays: dict[str, np.ndarray], info: ModelInfo,
+                   parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """Response body and extra headers; binary outputs follow the JSON header (binary tensor data extension).
+
+    ``parameters`` (e.g. the load-adaptive operating point) go into the response's ``parameters`` object.
+    """
     outs, blobs = [], []
     for name in req.outputs:
         a = arrays[name]
@@ -333,6 +337,8 @@ def build_response(req: InferRequest, arrays: dict[str, np.ndarray], info: Model
     body: dict[str, Any] = {"model_name": info.name, "model_version": info.version, "outputs": outs}
     if req.id is not None:
         body["id"] = req.id
+    if parameters:
+        body["parameters"] = parameters
     header = json.dumps(body, separators=(",", ":")).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
