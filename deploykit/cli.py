@@ -322,3 +322,36 @@ def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: i
     click.echo(f"wrote {r['repository']}: {r['model']} (BLS cascade) + {', '.join(r['stage_models'])} "
                f"({backend}, max batch {r['max_batch_size']}, instances {r['instances']}); serve with "
                f"`tritonserver --model-repository {r['repository']}`")
+
+
+# ---- Ray Serve: one deployment per stage (issue 9) --------------------------------------------------------------
+@main.command("serve-ray")
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--address", default="local", show_default=True,
+              help="'local' starts a Ray cluster on 127.0.0.1; 'auto' or HOST:PORT joins a running one.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address Serve's HTTP proxy binds.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--replicas", default=None, help="Replicas per stage, e.g. 2,1,1,1 (default: the sizing rule).")
+@click.option("--total-replicas", default=None, type=int,
+              help="Replicas the sizing rule splits by exit fractions x stage cost (default: one per stage).")
+@click.option("--autoscale", is_flag=True, help="Ray Serve autoscaling: min n/2, initial n, max 2n per stage.")
+@click.option("--max-batch-size", default=32, show_default=True, type=int, help="Rows per stage batch.")
+@click.option("--max-queue-delay-ms", default=5.0, show_default=True, type=float,
+              help="How long a stage waits for its batch to fill (@serve.batch batch_wait_timeout_s).")
+@click.option("--threads", default=1, show_default=True, type=int, help="ONNX Runtime threads per stage replica.")
+@click.option("--replica-cpus", default=0.25, show_default=True, type=float, help="Ray CPUs reserved per replica.")
+@_friendly_errors
+def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas: str | None,
+                  total_replicas: int | None, autoscale: bool, max_batch_size: int, max_queue_delay_ms: float,
+                  threads: int, replica_cpus: float) -> None:
+    """Serve ENGINE_DIR on Ray Serve: one deployment per stage, KServe v2 HTTP API as serve-local."""
+    from deploykit.errors import ConfigError
+    from deploykit.serve import serve_ray
+
+    try:
+        counts = None if replicas is None else [int(v) for v in replicas.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--replicas must be comma-separated integers like 2,1,1,1, got {replicas!r}") from e
+    serve_ray(engine_dir, address=address, host=host, port=port, replicas=counts, total_replicas=total_replicas,
+              autoscale=autoscale, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+              threads=threads, replica_cpus=replica_cpus)

@@ -1,7 +1,7 @@
 """Write docs/cli.md from the click command tree, so the CLI reference always matches the code.
 
-    python scripts/gen_cli_docs.py          # rewrite docs/cli.md
-    python scripts/gen_cli_docs.py --check  # exit 1 if docs/cli.md is out of date (run by the tests)
+Run ``python scripts/gen_cli_docs.py`` to rewrite docs/cli.md, or with ``--check`` to exit 1 when it is out of date
+(the tests do that).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
 def render() -> str:
+    """The whole reference as Markdown: the group's help, then every command's."""
     ctx = click.Context(main, info_name="deploykit")
     lines = ["# CLI reference", "", "Generated from the code by `python scripts/gen_cli_docs.py`; do not edit by hand.",
              "Every command turns a deploykit error into a one-line `error: ...` message and exit code 2.", ""]

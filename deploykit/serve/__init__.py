@@ -78,4 +78,42 @@ def _Server(config: Any) -> Any:  # noqa: N802  (reads as a class at the call si
     return _server_class()(config)
 
 
-__all__ = ["serve_local"]
+def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str = "127.0.0.1", port: int = 8000,
+              replicas: list[int] | None = None, total_replicas: int | None = None, autoscale: bool = False,
+              max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_request_mb: float = 16.0,
+              threads: int = 1, replica_cpus: float = 0.25, num_cpus: float = 2) -> None:
+    """Deploy ``engine_dir`` on Ray Serve (one deployment per stage) and serve until SIGINT / SIGTERM.
+
+    ``address="local"`` starts a Ray cluster on 127.0.0.1 for this process and stops it at the end; ``auto`` (or
+    ``HOST:PORT``) joins a running cluster and, at the end, deletes only this application.
+    """
+    try:
+        from ray import serve
+    except ImportError as e:
+        raise ConfigError(f"serve-ray needs the ray extra ({e}); install it with `pip install 'deploykit[ray]'`") from e
+    import ray
+
+    from deploykit.serve.ray_app import RayConfig, connect, deploy
+
+    config = RayConfig(replicas=replicas, total_replicas=total_replicas, autoscale=autoscale,
+                       max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                       max_request_mb=max_request_mb, threads=threads, replica_cpus=replica_cpus)
+    connect(address, num_cpus)
+    stop = threading.Event()
+    try:
+        info = deploy(engine_dir, config, host=host, port=port)
+        plan = ", ".join(f"stage{k}: {o.get('num_replicas') or o['autoscaling_config']}"
+                         for k, o in enumerate(info["stages"]))
+        logging.getLogger("deploykit.serve").info("serving %s on %s (%s)", engine_dir, info["url"], plan)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        if address == "local":
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete("deploykit")
+
+
+__all__ = ["serve_local", "serve_ray"]

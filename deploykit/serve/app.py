@@ -86,12 +86,10 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
         return protocol.parse_infer_request(body, headers, info, decode_image)
 
     def check_model(request: Request) -> None:
-        name = request.path_params["name"]
-        version = request.path_params.get("version")
-        if name != info.name:
-            raise _HTTPError(404, f"model {name!r} is not served here; this server serves {info.name!r}")
-        if version is not None and version != info.version:
-            raise _HTTPError(404, f"model {name!r} has no version {version!r}; available: [{info.version!r}]")
+        try:
+            protocol.check_model(info, request.path_params["name"], request.path_params.get("version"))
+        except protocol.ProtocolError as e:
+            raise _HTTPError(e.status, str(e)) from e
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")

@@ -94,6 +94,14 @@ def model_metadata(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+def check_model(info: ModelInfo, name: str, version: str | None = None) -> None:
+    """Raise a 404 :class:`ProtocolError` unless ``name`` (and ``version``, when given) is the served model."""
+    if name != info.name:
+        raise ProtocolError(f"model {name!r} is not served here; this server serves {info.name!r}", 404)
+    if version is not None and version != info.version:
+        raise ProtocolError(f"model {name!r} has no version {version!r}; available: [{info.version!r}]", 404)
+
+
 # ---- request parsing ---------------------------------------------------------------------------------------
 def parse_infer_request(body: bytes, headers: dict[str, str], info: ModelInfo,
                         decode_image: Callable[[bytes], np.ndarray]) -> InferRequest:

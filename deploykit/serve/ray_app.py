@@ -1,0 +1,252 @@
+"""serve-ray: the cascade as Ray Serve deployments, one per stage, behind a KServe v2 ingress.
+
+Each stage deployment loads only its own graph and batches the calls of every request in flight with
+``@serve.batch`` (the batch counts rows, like serve-local). The ingress speaks the same KServe v2 HTTP API as
+serve-local through :mod:`deploykit.serve.protocol`, decides the exits between stages and sends on only the
+surviving rows, so later stages see fewer rows and get fewer replicas (:mod:`deploykit.serve.sizing`).
+
+Graphs travel to replicas as bytes through Ray's object store, so the same code runs on a multi-node cluster
+without a shared filesystem (deploykit itself must be importable on every node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from deploykit import __version__
+from deploykit.errors import ConfigError, DataError
+from deploykit.manifest import Manifest
+from deploykit.serve import protocol
+from deploykit.serve.sizing import replica_split
+
+_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
+
+
+@dataclass
+class RayConfig:
+    """Replica and batching knobs (CLI flags of ``deploykit serve-ray``)."""
+
+    replicas: list[int] | None = None  # per stage; None = sizing rule over total_replicas
+    total_replicas: int | None = None  # None = one per stage on average
+    autoscale: bool = False
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0
+    max_request_mb: float = 16.0
+    threads: int = 1  # ONNX Runtime intra-op threads per stage replica
+    replica_cpus: float = 0.25  # Ray logical CPUs reserved per replica
+
+
+def stage_replicas(manifest: Manifest, config: RayConfig) -> list[int]:
+    """Replicas per stage: ``config.replicas`` as given, else the sizing rule (exit fractions x stage cost)."""
+    if config.replicas is not None:
+        if len(config.replicas) != manifest.num_stages or min(config.replicas) < 1:
+            raise ConfigError(f"--replicas needs {manifest.num_stages} integers >= 1 (one per stage), "
+                              f"got {config.replicas}")
+        return list(config.replicas)
+    total = config.total_replicas or manifest.num_stages
+    if total < 1:
+        raise ConfigError(f"--total-replicas must be >= 1, got {total}")
+    return replica_split(manifest, total)
+
+
+def deployment_options(manifest: Manifest, config: RayConfig) -> list[dict[str, Any]]:
+    """Ray Serve options per stage: fixed ``num_replicas``, or with ``autoscale`` an autoscaling config.
+
+    Autoscaling keeps the sizing rule's proportions: ``min = max(1, n // 2)``, ``initial = n``, ``max = 2 n``.
+    """
+    opts = []
+    for n in stage_replicas(manifest, config):
+        o: dict[str, Any] = {"ray_actor_options": {"num_cpus": config.replica_cpus},
+                             "max_ongoing_requests": max(64, 2 * config.max_batch_size)}
+        if config.autoscale:
+            o["autoscaling_config"] = {"min_replicas": max(1, n // 2), "initial_replicas": n,
+                                       "max_replicas": 2 * n, "target_ongoing_requests": config.max_batch_size}
+        else:
+            o["num_replicas"] = n
+        opts.append(o)
+    return opts
+
+
+def _rows(items: list[dict[str, np.ndarray]]) -> int:
+    return sum(len(next(iter(it.values()))) for it in items)
+
+
+class StageReplica:
+    """One stage graph in ONNX Runtime; batches the rows of concurrent calls (``@serve.batch`` counts rows)."""
+
+    def __init__(self, stage: dict[str, Any], graph: bytes, last: bool, threads: int, max_batch_size: int,
+                 wait_s: float) -> None:
+        from deploykit.backends.ort import OrtRunner
+        from deploykit.manifest import StageSpec
+
+        spec = StageSpec.from_dict(stage)
+        self._dir = tempfile.TemporaryDirectory(prefix="deploykit-stage-")
+        path = Path(self._dir.name) / Path(spec.file).name
+        path.write_bytes(graph)
+        self.runner = OrtRunner(path, threads=threads).load()
+        self.inputs = [t.name for t in spec.inputs]
+        self.outputs = ([] if last else [t.name for t in spec.outputs]) + [spec.exit_logits, spec.exit_score]
+        self.run_batch.set_max_batch_size(max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(wait_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
+    async def run_batch(self, items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        counts = [len(next(iter(it.values()))) for it in items]
+        feeds = items[0] if len(items) == 1 else {n: np.concatenate([it[n] for it in items]) for n in self.inputs}
+        res = await asyncio.to_thread(self.runner.run, feeds, self.outputs)
+        out, lo = [], 0
+        for c in counts:
+            out.append({k: np.asarray(v)[lo:lo + c] for k, v in res.items()})
+            lo += c
+        return out
+
+    async def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return await self.run_batch(feeds)
+
+
+class Ingress:
+    """KServe v2 over HTTP (shared protocol module); runs the exit decision between the stage deployments."""
+
+    def __init__(self, manifest: dict[str, Any], stages: list[Any], max_batch_size: int,
+                 max_request_mb: float) -> None:
+        from deploykit.data.preprocess import load_image, preprocess_image
+
+        self.manifest = Manifest.from_dict(manifest)
+        self.info = protocol.ModelInfo.from_manifest(self.manifest)
+        self.stages = stages
+        self.max_batch_size = max_batch_size
+        self.max_bytes = int(max_request_mb * 1024 * 1024)
+        pre = self.manifest.preprocessing
+        self.decode_image = lambda data: preprocess_image(load_image(data), pre)
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except protocol.ProtocolError as e:
+            return _error(e.status, str(e))
+
+    async def _route(self, request: Request) -> Response:
+        path, method = request.url.path, request.method
+        if path in ("/v2", "/v2/"):
+            return JSONResponse(protocol.server_metadata(__version__))
+        if path in ("/v2/health/live", "/v2/health/ready"):
+            return Response(status_code=200)
+        m = _MODEL_PATH.match(path)
+        if m is None or (m.group(3) == "/infer") != (method == "POST"):
+            raise protocol.ProtocolError(f"{method} {path}: not found; see GET /v2 and /v2/models/{{name}} "
+                                         "(KServe v2)", 404)
+        protocol.check_model(self.info, m.group(1), m.group(2))
+        if m.group(3) == "/ready":
+            return Response(status_code=200)
+        if m.group(3) is None:
+            return JSONResponse(protocol.model_metadata(self.info))
+        return await self._infer(request)
+
+    async def _infer(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > self.max_bytes:
+            raise protocol.ProtocolError(f"request body of {len(body)} bytes is over the limit of {self.max_bytes} "
+                                         "bytes (--max-request-mb); send fewer rows per request", 413)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        req = await asyncio.to_thread(protocol.parse_infer_request, body, headers, self.info, self.decode_image)
+        thr = list(self.manifest.thresholds() if req.thresholds is None else req.thresholds)
+        step = self.max_batch_size
+        try:
+            parts = await asyncio.gather(*[self.cascade(req.rows[lo:lo + step], thr)
+                                           for lo in range(0, len(req.rows), step)])
+        except DataError as e:
+            raise protocol.ProtocolError(str(e)) from e
+        except Exception as e:  # a stage fault fails this request; the deployments stay up
+            raise protocol.ProtocolError(f"inference failed ({type(e).__name__}: {e}); the server is still up, "
+                                         "retry or check the engine", 500) from e
+        result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out, extra = protocol.build_response(req, protocol.output_arrays(result, self.info.labels), self.info)
+        return Response(out, 200, headers=extra)
+
+    async def cascade(self, x: np.ndarray, thr: list[float | None]) -> dict[str, np.ndarray]:
+        """Call the stages in turn; rows whose score reaches their stage's threshold leave, the rest go on."""
+        from deploykit.runtime.cascade import softmax
+
+        n, last = len(x), self.manifest.num_stages - 1
+        logits = np.empty((n, self.manifest.num_classes), dtype=np.float32)
+        score = np.empty(n, dtype=np.float32)
+        exit_stage = np.full(n, -1, dtype=np.int64)
+        rows = np.arange(n)
+        feeds: dict[str, np.ndarray] = {self.info.input_name: np.ascontiguousarray(x)}
+        for k, spec in enumerate(self.manifest.stages):
+            res = await self.stages[k].remote(feeds)
+            s = np.asarray(res[spec.exit_score], dtype=np.float32).reshape(-1)
+            done = np.ones(len(rows), bool) if k == last else (
+                np.zeros(len(rows), bool) if thr[k] is None else s >= thr[k])
+            where = np.flatnonzero(done)
+            logits[rows[where]] = res[spec.exit_logits][where]
+            score[rows[where]] = s[where]
+            exit_stage[rows[where]] = k
+            if done.all():
+                break
+            keep = np.flatnonzero(~done)
+            feeds = {t.name: np.ascontiguousarray(res[t.name][keep]) for t in spec.outputs}
+            rows = rows[keep]
+        return {"probs": softmax(logits), "exit_stage": exit_stage, "score": score}
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(protocol.error_body(message), status, headers={"content-type": "application/json"})
+
+
+def build_app(engine_dir: str | os.PathLike, config: RayConfig) -> tuple[Any, list[dict[str, Any]]]:
+    """The Ray Serve application (ingress bound to one deployment per stage) and the per-stage options."""
+    manifest = Manifest.load(engine_dir)
+    if manifest.task != "classification":
+        raise ConfigError(f"{engine_dir} holds a {manifest.task!r} model; serve-ray serves classification cascades")
+    manifest.check_files()
+    if config.max_batch_size < 1 or config.max_queue_delay_ms < 0 or config.max_request_mb <= 0:
+        raise ConfigError("expected --max-batch-size >= 1, --max-queue-delay-ms >= 0 and --max-request-mb > 0")
+    opts = deployment_options(manifest, config)
+    last = manifest.num_stages - 1
+    stage_dep = serve.deployment(StageReplica)
+    stages = [
+        stage_dep.options(name=f"stage{k}", **o).bind(
+            manifest.to_dict()["stages"][k], manifest.path_of(s.file).read_bytes(), k == last, config.threads,
+            config.max_batch_size, config.max_queue_delay_ms / 1000.0)
+        for k, (s, o) in enumerate(zip(manifest.stages, opts))
+    ]
+    ingress = serve.deployment(Ingress).options(
+        name="ingress", num_replicas=1, max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": config.replica_cpus})
+    return ingress.bind(manifest.to_dict(), stages, config.max_batch_size, config.max_request_mb), opts
+
+
+def connect(address: str = "local", num_cpus: float | None = None) -> None:
+    """Start a local Ray cluster on 127.0.0.1 (``local``) or join a running one (``auto`` or ``HOST:PORT``)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(address="local", include_dashboard=False, num_cpus=math.ceil(num_cpus or 2),
+                 _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+
+
+def deploy(engine_dir: str | os.PathLike, config: RayConfig, host: str = "127.0.0.1", port: int = 8000,
+           app_name: str = "deploykit") -> dict[str, Any]:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy; returns the URL and the per-stage replica plan."""
+    app, opts = build_app(engine_dir, config)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=app_name, route_prefix="/", blocking=False)
+    return {"url": f"http://{host}:{port}", "app": app_name, "stages": opts}

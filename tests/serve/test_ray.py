@@ -1,0 +1,119 @@
+"""serve-ray on a real local Ray cluster (127.0.0.1): KServe v2 answers identical to serve-local and the offline
+cascade on the digits test split, and per-stage replica counts that follow the sizing rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import ThreadServer, free_port
+from helpers import error, fp32_request, http, outputs
+
+ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'deploykit[ray]'")
+serve = pytest.importorskip("ray.serve", reason="needs ray[serve]")
+
+from deploykit.manifest import Manifest  # noqa: E402
+from deploykit.serve.sizing import replica_split  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def calibrated_digits(trained_engine, tmp_path_factory):
+    from deploykit.runtime.calibrate import calibrate
+
+    d = tmp_path_factory.mktemp("ray") / "tiny-digits"
+    shutil.copytree(trained_engine, d)
+    calibrate(d, data="digits", max_drop=1.0, write=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def digits_test(calibrated_digits):
+    from deploykit.data import stack_split
+
+    return stack_split("digits", "test", Manifest.load(calibrated_digits).preprocessing)
+
+
+@pytest.fixture(scope="module")
+def ray_server(calibrated_digits):
+    from deploykit.serve.ray_app import RayConfig, connect, deploy
+
+    connect("local", num_cpus=2)
+    try:
+        info = deploy(calibrated_digits, RayConfig(total_replicas=5, max_batch_size=16, max_queue_delay_ms=5,
+                                                   replica_cpus=0.1), port=free_port())
+        yield info
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _infer_all(url: str, x: np.ndarray, chunk: int = 37) -> dict[str, np.ndarray]:
+    """POST the rows in uneven chunks, concurrently, and stitch the answers back in order."""
+    def one(lo: int) -> dict[str, np.ndarray]:
+        code, _, body = http(url, fp32_request(x[lo:lo + chunk]), timeout=120)
+        assert code == 200, body
+        return outputs(body)
+
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(one, range(0, len(x), chunk)))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_answers_match_serve_local_and_offline_cascade(ray_server, calibrated_digits, digits_test):
+    from deploykit.runtime.cascade import Cascade
+    from deploykit.serve.app import ServeConfig, create_app
+
+    x, _ = digits_test
+    name = Manifest.load(calibrated_digits).name
+    ray_out = _infer_all(f"{ray_server['url']}/v2/models/{name}/infer", x)
+    with Cascade.from_dir(calibrated_digits, threads=1) as cascade:
+        ref = cascade.run(x)
+        with ThreadServer(create_app(cascade, ServeConfig(max_batch_size=16))) as local:
+            local_out = _infer_all(f"{local.url}/v2/models/{name}/infer", x)
+    assert len(set(ref.exit_stage.tolist())) > 1  # calibrated: rows leave at several stages
+    for out in (ray_out, local_out):
+        np.testing.assert_array_equal(out["exit_stage"], ref.exit_stage)
+        np.testing.assert_allclose(out["probabilities"], ref.probs, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out["class_index"], ref.probs.argmax(1))
+    assert list(ray_out["label"]) == list(local_out["label"])
+    np.testing.assert_allclose(ray_out["probabilities"], local_out["probabilities"], rtol=1e-5, atol=1e-5)
+
+
+def test_replica_counts_follow_sizing_rule(ray_server, calibrated_digits):
+    m = Manifest.load(calibrated_digits)
+    want = replica_split(m, 5)
+    assert want[0] >= want[-1] and want == [o["num_replicas"] for o in ray_server["stages"]]
+    deps = serve.status().applications[ray_server["app"]].deployments
+    running = [sum(deps[f"stage{k}"].replica_states.values()) for k in range(m.num_stages)]
+    assert running == want
+
+
+def test_protocol_endpoints_and_errors(ray_server, calibrated_digits, digits_test):
+    u = ray_server["url"]
+    name = Manifest.load(calibrated_digits).name
+    assert http(u + "/v2/health/ready")[0] == 200
+    code, _, body = http(u + f"/v2/models/{name}")
+    assert code == 200 and json.loads(body)["parameters"]["num_stages"] == 4
+    code, _, body = http(u + "/v2/models/nope/infer", fp32_request(digits_test[0][:2]))
+    assert code == 404 and name in error(body)
+    code, _, body = http(u + f"/v2/models/{name}/infer", {"inputs": []})
+    assert code == 400 and "exactly one input" in error(body)
+    x = digits_test[0][:6]
+    out = outputs(http(u + f"/v2/models/{name}/infer", fp32_request(x, exit_threshold=0.0))[2])
+    assert (out["exit_stage"] == 0).all()
+    out = outputs(http(u + f"/v2/models/{name}/infer", fp32_request(x, exit_thresholds=[None] * 4))[2])
+    assert (out["exit_stage"] == 3).all()
+
+
+def test_autoscale_options_keep_the_split(calibrated_digits):
+    from deploykit.serve.ray_app import RayConfig, deployment_options
+
+    m = Manifest.load(calibrated_digits)
+    n = replica_split(m, 8)
+    opts = deployment_options(m, RayConfig(total_replicas=8, autoscale=True))
+    assert [o["autoscaling_config"]["initial_replicas"] for o in opts] == n
+    assert [o["autoscaling_config"]["max_replicas"] for o in opts] == [2 * v for v in n]
+    assert all("num_replicas" not in o for o in opts)
