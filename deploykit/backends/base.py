@@ -24,6 +24,8 @@ class Runner(ABC):
 
     def __init__(self) -> None:
         self._loaded = False
+        self._inputs: list[str] = []
+        self._outputs: list[str] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def load(self) -> Runner:
@@ -54,12 +56,16 @@ class Runner(ABC):
 
     # ---- to implement -------------------------------------------------------------------------------------
     @property
-    @abstractmethod
-    def input_names(self) -> list[str]: ...
+    def input_names(self) -> list[str]:
+        """Graph input names, in order (``load_impl`` fills ``self._inputs``)."""
+        self.load()
+        return self._inputs
 
     @property
-    @abstractmethod
-    def output_names(self) -> list[str]: ...
+    def output_names(self) -> list[str]:
+        """Graph output names (``load_impl`` fills ``self._outputs``)."""
+        self.load()
+        return self._outputs
 
     @abstractmethod
     def load_impl(self) -> None: ...

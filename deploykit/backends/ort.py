@@ -92,16 +92,6 @@ class OrtRunner(Runner):
         self._input_types = {i.name: _ORT_DTYPES.get(i.type) for i in self.session.get_inputs()}
         self._input_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
 
-    @property
-    def input_names(self) -> list[str]:
-        self.load()
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        self.load()
-        return self._outputs
-
     def input_shape(self, name: str) -> list[Any]:
         self.load()
         return self._input_shapes[name]
