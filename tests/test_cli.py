@@ -31,8 +31,8 @@ def test_pipeline_through_cli(trained_run, tmp_path):
     assert r.exit_code == 0, r.output
     cal = json.loads((tmp_path / "cal.json").read_text())
     assert {"full_accuracy", "cascade_accuracy", "flops_ratio"} <= set(cal["test"]) and "thresholds" in cal
-    r = runner.invoke(main, ["bench", str(eng), "--batch-sizes", "2", "--samples", "4", "--repeats", "1",
-                             "--warmup", "0", "--exit-fractions", "0.4,0.3,0.2,0.1", "--json", str(tmp_path / "b.json")])
+    r = runner.invoke(main, ["bench", str(eng), "--batch-sizes", "2", "--samples", "4", "--repeats", "1", "--warmup",
+                             "0", "--exit-fractions", "0.4,0.3,0.2,0.1", "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b.json").read_text())["runs"][0]["batch_size"] == 2
     r = runner.invoke(main, ["samples", "digits", "-n", "2", "-o", str(tmp_path / "s")])

@@ -103,6 +103,7 @@ class BuildSettings:
     opt_batch: int | None = None
     workspace_mb: int | None = None
     strongly_typed: bool | None = None
+    int8_qdq: bool = False  # graphs from `deploykit quantize --mode static`: INT8 where their Q/DQ nodes say
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for settings no build can satisfy."""
@@ -159,6 +160,10 @@ def build_engines(
     if not report.ok:
         raise EngineError(f"graphs in {root} won't build with TensorRT {trt.__version__}:\n{report.format()}")
     strong = uses_strong_typing(major, settings.precision, settings.strongly_typed)
+    settings.int8_qdq = is_qdq_manifest(manifest)
+    if settings.int8_qdq and strong and settings.precision == "fp16":
+        raise ConfigError("these are INT8 QDQ graphs: strongly typed TensorRT builds them as they are typed; the FP16 "
+                          "conversion is for FP32 graphs — build with --precision fp32 (INT8 layers come from Q/DQ)")
 
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = root / TIMING_CACHE
@@ -176,18 +181,25 @@ def build_engines(
         plan_path = onnx_path.with_suffix(PLAN_SUFFIX)
         plan, profile, cache_bytes = _build_one(trt, logger, source, settings, strong, cache_bytes)
         plan_path.write_bytes(plan)
-        spec.extra["trt"] = {"engine": plan_path.name, "source": source.name, "precision": settings.precision,
+        spec.extra["trt"] = {"engine": plan_path.name, "source": source.name,
+                             "precision": f"int8+{settings.precision}" if settings.int8_qdq else settings.precision,
                              "sha256": file_sha256(plan_path), "profile": profile}
         log.info("built %s (%s, %.1f MB)", plan_path.name, settings.precision, len(plan) / 2**20)
     cache_path.write_bytes(cache_bytes)
     record = {**here, "precision": settings.precision, "strongly_typed": strong, "max_batch": settings.max_batch,
               "opt_batch": settings.opt, "workspace_mb": settings.workspace_mb, "timing_cache": TIMING_CACHE,
-              "built_at": time.time(), "build_seconds": round(time.time() - started, 1)}
+              "built_at": time.time(), "build_seconds": round(time.time() - started, 1), "int8_qdq": settings.int8_qdq}
     manifest.extra["trt"] = record
     for spec in manifest.stages:
-        spec.precision = settings.precision
+        if not settings.int8_qdq:  # QDQ stages keep their int8-static precision
+            spec.precision = settings.precision
     manifest.save()
     return record
+
+
+def is_qdq_manifest(manifest: Any) -> bool:
+    """Whether an engine directory holds static INT8 QDQ graphs (``deploykit quantize --mode static``)."""
+    return any(spec.precision == "int8-static" for spec in manifest.stages)
 
 
 def _build_one(trt: Any, logger: Any, onnx_path: Path, s: BuildSettings, strong: bool,
@@ -207,6 +219,8 @@ def _build_one(trt: Any, logger: Any, onnx_path: Path, s: BuildSettings, strong:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_mb << 20)
     if s.precision == "fp16" and not strong:
         config.set_flag(trt.BuilderFlag.FP16)  # TensorRT 10 weak typing only; removed in 11
+    if s.int8_qdq and not strong:
+        config.set_flag(trt.BuilderFlag.INT8)  # TensorRT 10 weak typing: explicit-precision Q/DQ needs it; 11: typed
     profile = builder.create_optimization_profile()
     ranges: dict[str, list[list[int]]] = {}
     for i in range(network.num_inputs):
@@ -301,16 +315,6 @@ class TrtRunner(Runner):
             self._scratch.reserve(int(size))
         else:
             self.context = self.engine.create_execution_context()
-
-    @property
-    def input_names(self) -> list[str]:
-        self.load()
-        return self._inputs
-
-    @property
-    def output_names(self) -> list[str]:
-        self.load()
-        return self._outputs
 
     @property
     def max_batch(self) -> int:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -60,6 +61,8 @@ _TYPE_OK = {
     _B: {TensorProto.BOOL},
 }
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
+# what onnxruntime.quantization.quantize_dynamic writes: no TensorRT importer (QDQ graphs are the portable form)
+_DYNAMIC_INT8 = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 TOPK_MAX_K = 3840
 DEFAULT_TARGET = "10.3"  # JetPack 6
 
@@ -237,6 +240,11 @@ class _Linter:
                      "CUDA graphs; deploykit stages must be straight-line graphs — move the decision to the runtime")
             return
         cls = _SUPPORTED.get(op)
+        if op in _DYNAMIC_INT8:
+            self.add(node, "dynamic-int8", "error",
+                     f"{op} comes from dynamic INT8 quantisation, which runs on ONNX Runtime CPU only; for TensorRT "
+                     "quantise with `deploykit quantize --mode static` (QDQ graphs)")
+            return
         if cls is None:
             self.add(node, "unsupported-op", "error",
                      f"TensorRT's ONNX parser has no importer for {op}; rewrite it with supported ops or add a plugin")
@@ -305,6 +313,20 @@ class _Linter:
             self.add(node, "resize-mode", "error", f"Resize mode {mode!r}: TensorRT supports nearest and linear only")
         if _attr(node, "antialias", 0):
             self.add(node, "resize-antialias", "error", "Resize with antialias=1 is not supported by TensorRT")
+
+    def check_QuantizeLinear(self, node: onnx.NodeProto) -> None:  # noqa: N802
+        if len(node.input) < 3 or not node.input[2]:
+            return  # no zero point: symmetric INT8 (opset 19+ default type is uint8 only with a zero point given)
+        zp = self.constant_value(node.input[2])
+        if zp is None:
+            self.add(node, "qdq-zero-point", "error",
+                     f"{node.op_type} zero point {node.input[2]!r} is not a constant; TensorRT needs constant scales")
+        elif zp.dtype != np.int8 or np.any(zp != 0):
+            self.add(node, "qdq-zero-point", "error",
+                     f"{node.op_type} has a {zp.dtype} zero point {zp.reshape(-1)[:4].tolist()}; TensorRT's INT8 is "
+                     "symmetric signed only (int8, zero point 0) — quantise with `deploykit quantize --mode static`")
+
+    check_DequantizeLinear = check_QuantizeLinear  # noqa: N815
 
     def check_LayerNormalization(self, node: onnx.NodeProto) -> None:  # noqa: N802
         extra = [o for o in node.output[1:] if o]

@@ -81,6 +81,9 @@ def bench(
         repeats: int = 5,
         threads: int | None = None,
         progress: bool = False,
+        torch_model: Any = None,
+        ort_default_reference: bool = False,
+        compare: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Measure the cascade against the monolithic graph, the exit-less chain and (optionally) PyTorch eager.
 
@@ -100,10 +103,25 @@ def bench(
         repeats: timed passes per variant (the median is reported).
         threads: intra-op threads (default: the cores this process may use).
         progress: print a line per batch size.
+        torch_model: an in-memory ``ExitModel`` for the PyTorch eager variant (instead of ``checkpoint``).
+        ort_default_reference: also time the monolithic graph in a session with ONNX Runtime's default options,
+            to show the tuned session options don't flatter the chain.
+        compare: a second engine directory of the same model (e.g. its INT8 copy from ``deploykit quantize``):
+            its monolithic graph and cascade are timed in the same interleaved loop, at the same exit fractions
+            when ``exit_fractions`` is given (else at its own manifest thresholds); figures go to ``run["compare"]``.
     """
     from deploykit.backends import create_runner
     from deploykit.backends.ort import default_threads
+    from deploykit.manifest import Manifest
 
+    if Manifest.load(engine_dir).task.startswith("vl"):
+        from deploykit.runtime.generation import bench_vl
+
+        report = bench_vl(engine_dir, n=samples, batch_size=max(batch_sizes), repeats=repeats, threads=threads)
+        if json_out is not None:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        return report
     threads = threads or default_threads()
     runner_kwargs = {"threads": threads} if backend.startswith("ort") else {}
     cascade = Cascade.from_dir(engine_dir, backend=backend, **runner_kwargs)
@@ -111,7 +129,14 @@ def bench(
     if m.monolithic is None:
         raise ConfigError(f"{engine_dir} has no monolithic graph to compare with; re-export the model")
     mono = create_runner(m.path_of(m.monolithic.file), backend, **runner_kwargs)
-    torch_model = _load_torch(checkpoint, threads) if checkpoint else None
+    if torch_model is None and checkpoint:
+        torch_model = _load_torch(checkpoint, threads)
+    elif torch_model is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch_model = torch_model.eval()
+    mono_default = _default_session(m.path_of(m.monolithic.file)) if ort_default_reference else None
     n_pool = max(samples, max(batch_sizes))
     pool = _inputs(m, data, n_pool)
     all_scores = np.stack([o["score"] for o in cascade.run_all_exits(pool)])
@@ -122,6 +147,7 @@ def bench(
         thr = m.thresholds()
         thr_source = "manifest (calibrated)" if m.calibration else "manifest (uncalibrated: exits disabled)"
     no_exit = [None] * m.num_stages
+    cmp = _compare_setup(compare, backend, runner_kwargs, pool, exit_fractions) if compare else None
     runs = []
     for bs in batch_sizes:
         if bs < 1:
@@ -138,6 +164,11 @@ def bench(
         }
         if torch_model is not None:
             variants["torch"] = _torch_variant(torch_model, batches)
+        if mono_default is not None:
+            variants["monolithic_ort_default"] = lambda bb=batches: [mono_default.run(None, {"image": b}) for b in bb]
+        if cmp is not None:
+            variants["compare_monolithic"] = lambda bb=batches: [cmp["mono"].run({"image": b}) for b in bb]
+            variants["compare_cascade"] = lambda bb=batches: [cmp["cascade"].run(b, thresholds=cmp["thr"]) for b in bb]
         t = _time_interleaved(variants, warmup, repeats)
         per_batch = {k: v / len(batches) for k, v in t.items()}
         ideal = 1.0 / expected_flops_ratio(m, fractions)
@@ -152,13 +183,19 @@ def bench(
             "monolithic_vs_torch": (per_batch["torch"] / per_batch["monolithic"]) if "torch" in per_batch else None,
             "exit_fractions": fractions.tolist(),
             "throughput_cascade_per_s": bs / (per_batch["cascade"] / 1000.0),
+            "monolithic_ort_default_ms": per_batch.get("monolithic_ort_default"),
         }
+        if cmp is not None:
+            run["compare"] = _compare_run(cmp, batches, per_batch, bs)
         runs.append(run)
         if progress:
             print(f"batch {bs}: monolithic {run['monolithic_ms']:.2f} ms, chain {run['chain_noexit_ms']:.2f} ms, "
                   f"cascade {run['cascade_ms']:.2f} ms, speed-up {speedup:.2f}x of ideal {ideal:.2f}x", flush=True)
     cascade.close()
     mono.close()
+    if cmp is not None:
+        cmp["cascade"].close()
+        cmp["mono"].close()
     report = {
         "engine_dir": str(engine_dir), "model": m.name, "backbone": m.backbone.get("name"), "backend": backend,
         "threads": threads, "stages": m.num_stages, "input_shape": m.input_spec.shape,
@@ -167,6 +204,9 @@ def bench(
         "warmup": warmup, "repeats": repeats, "cpu": cpu_model(), "loadavg_start": _loadavg(),
         "versions": m.provenance.get("onnxruntime"), "runs": runs,
     }
+    if cmp is not None:
+        report["compare"] = {"engine_dir": str(compare), "thresholds": cmp["thr"], "precision": cmp["precision"]}
+        report["precision"] = m.stages[0].precision
     if json_out is not None:
         json_out = Path(json_out)
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +228,36 @@ def _inputs(m: Any, data: str | None, n: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, *shape), dtype=np.float32)
 
 
+def _compare_setup(compare: str | os.PathLike, backend: str, runner_kwargs: dict[str, Any], pool: np.ndarray,
+                   exit_fractions: list[float] | None) -> dict[str, Any]:
+    """Cascade, monolithic runner and thresholds of the engine directory to compare with (``--compare``)."""
+    from deploykit.backends import create_runner
+
+    cascade = Cascade.from_dir(compare, backend=backend, **runner_kwargs)
+    cm = cascade.manifest
+    if cm.monolithic is None:
+        raise ConfigError(f"{compare} has no monolithic graph to compare with; re-export the model")
+    if exit_fractions is not None:
+        thr = thresholds_for_fractions(np.stack([o["score"] for o in cascade.run_all_exits(pool)]),
+                                       list(exit_fractions))
+    else:
+        thr = cm.thresholds()
+    return {"cascade": cascade, "mono": create_runner(cm.path_of(cm.monolithic.file), backend, **runner_kwargs),
+            "thr": thr, "precision": cm.stages[0].precision}
+
+
+def _compare_run(cmp: dict[str, Any], batches: list[np.ndarray], per_batch: dict[str, float],
+                 bs: int) -> dict[str, Any]:
+    """The compared engine's figures for one batch size, and this engine's cascade speed relative to it."""
+    seen = np.concatenate([cmp["cascade"].run(b, thresholds=cmp["thr"]).exit_stage for b in batches])
+    k = cmp["cascade"].manifest.num_stages
+    return {"monolithic_ms": per_batch["compare_monolithic"], "cascade_ms": per_batch["compare_cascade"],
+            "exit_fractions": (np.bincount(seen, minlength=k) / len(seen)).tolist(),
+            "throughput_cascade_per_s": bs / (per_batch["compare_cascade"] / 1000.0),
+            "cascade_speedup_vs_compare": per_batch["compare_cascade"] / per_batch["cascade"],
+            "monolithic_speedup_vs_compare": per_batch["compare_monolithic"] / per_batch["monolithic"]}
+
+
 def _load_torch(checkpoint: str | os.PathLike, threads: int) -> Any:
     import torch
 
@@ -196,6 +266,12 @@ def _load_torch(checkpoint: str | os.PathLike, threads: int) -> Any:
     torch.set_num_threads(threads)
     model, _ = load_run(checkpoint)
     return model.eval()
+
+
+def _default_session(path: Any) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def _torch_variant(model: Any, batches: list[np.ndarray]) -> Callable[[], Any]:

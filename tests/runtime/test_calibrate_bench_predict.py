@@ -50,6 +50,7 @@ def test_bench_report(trained_engine, trained_run, tmp_path):
     r = bench(trained_engine, batch_sizes=[1, 8], exit_fractions=[0.4, 0.3, 0.2, 0.1], checkpoint=trained_run,
               samples=16, warmup=1, repeats=1, json_out=tmp_path / "b.json")
     saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["runs"] == r["runs"]
     assert [run["batch_size"] for run in saved["runs"]] == [1, 8]
     for run in saved["runs"]:
         for key in ("monolithic_ms", "chain_noexit_ms", "cascade_ms", "torch_ms", "ideal_speedup", "speedup",
