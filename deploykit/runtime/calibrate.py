@@ -48,7 +48,13 @@ def calibrate(
         levels: candidate thresholds per exit (default: about 40k combinations in all).
     """
     from deploykit.data import stack_split
+    from deploykit.manifest import Manifest
 
+    if Manifest.load(engine_dir).task.startswith("vl"):  # MuE: per-task, per-stream thresholds
+        from deploykit.runtime.mue_calibrate import calibrate_mue
+
+        return calibrate_mue(engine_dir, data=None if data == "digits" else data, max_drop=max_drop,
+                             layer_budget=flops_budget, json_out=json_out, plot_out=plot_out, write=write)
     if max_drop is None and flops_budget is None:
         max_drop = DEFAULT_MAX_DROP
     with Cascade.from_dir(engine_dir, backend=backend) as cascade:

@@ -31,6 +31,13 @@ def predict(
     if manifest.task.startswith("vl"):
         from deploykit.runtime.generation import predict_vl
 
+        if thresholds is not None:
+            from deploykit.errors import ConfigError
+
+            raise ConfigError("--thresholds lists one threshold per cascade stage; MuE engines have per-task "
+                              "thresholds for the image stream, text stream and decoder: run `deploykit "
+                              f"calibrate {engine_dir}` to set them (stored in the manifest's extra.mue.thresholds)")
+
         return predict_vl(engine_dir, list(images), texts, task or ("entailment" if texts else "caption"))
     if texts or task:
         from deploykit.errors import ConfigError

@@ -177,7 +177,23 @@ class MuEModel(nn.Module):
         return out
 
 
-def layerwise_loss(logits: list[Tensor], target: Tensor, pad_id: int = 0) -> tuple[Tensor, list[float]]:
-    """MuE's layer-wise task loss: the same CE at every decoder layer, equal weights (mean over layers)."""
-    parts = [F.cross_entropy(lg.flatten(0, 1), target.flatten(), ignore_index=pad_id) for lg in logits]
+def layerwise_loss(logits: list[Tensor], target: Tensor, pad_id: int = 0, norm: str = "token"
+                   ) -> tuple[Tensor, list[float]]:
+    """MuE's layer-wise task loss: the same CE at every decoder layer, equal weights (mean over layers).
+
+    ``norm="token"`` averages CE over all target tokens of the batch (fairseq's convention); ``"sample"`` averages
+    each sample's tokens first, then the samples, so a one-word entailment answer weighs as much as a 16-token
+    caption in a mixed-task batch (with token averaging it gets about a tenth of the gradient).
+    """
+    if norm not in ("token", "sample"):
+        raise ValueError(f"loss norm {norm!r} unknown; expected 'token' or 'sample'")
+    keep = (target != pad_id).float()
+    parts = []
+    for lg in logits:
+        ce = F.cross_entropy(lg.flatten(0, 1), target.flatten(), ignore_index=pad_id, reduction="none")
+        ce = ce.view_as(keep)
+        if norm == "token":
+            parts.append(ce.sum() / keep.sum().clamp(min=1))
+        else:
+            parts.append((ce.sum(1) / keep.sum(1).clamp(min=1)).mean())
     return torch.stack(parts).mean(), [float(p.detach()) for p in parts]

@@ -26,7 +26,7 @@ from deploykit.methods.mue.tokenizer import Vocab
 
 DEFAULT_TRAIN = {"steps": 2500, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup": 100, "seed": 0,
                  "eval_every": 500, "threads": None,
-                 "verbose": False}
+                 "verbose": False, "loss_norm": "token", "entailment_share": None}
 
 
 def preprocessing_of(cfg: MuEConfig) -> dict[str, Any]:
@@ -105,6 +105,9 @@ def train_mue(recipe: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     cfg = MuEConfig.from_dict(method)
     tr = {**DEFAULT_TRAIN, **recipe.get("train", {})}
     data = dict(recipe.get("data", {"spec": "synthetic-vl"}))
+    share = tr.get("entailment_share")
+    if share is not None and not 0.0 <= float(share) <= 1.0:
+        raise ConfigError(f"train.entailment_share {share} must be in [0, 1] (the entailment rows of each batch)")
     if tr["threads"]:
         torch.set_num_threads(int(tr["threads"]))
     torch.manual_seed(int(tr["seed"]))
@@ -123,13 +126,20 @@ def train_mue(recipe: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     gen = torch.Generator().manual_seed(int(tr["seed"]))
     n, bs, t0 = len(tt["ids"]), int(tr["batch_size"]), time.time()
     perm, pos = torch.randperm(n, generator=gen), 0
+    pools = [torch.nonzero(tt["is_ve"]).flatten(), torch.nonzero(~tt["is_ve"]).flatten()]
+    if share is not None and not all(len(p) for p in pools):
+        raise ConfigError("train.entailment_share needs both tasks in the training data")
     for step in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + bs]
-        pos += bs
+        if share is not None:  # a fixed task mix per batch (rows drawn with replacement from each task)
+            k = int(round(float(share) * bs))
+            idx = torch.cat([p[torch.randint(len(p), (m,), generator=gen)] for p, m in zip(pools, (k, bs - k))])
+        else:
+            if pos + bs > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos:pos + bs]
+            pos += bs
         logits = model(tt["image"][idx], tt["ids"][idx], (tt["ids"][idx] != 0).float(), tt["dec_in"][idx])
-        loss, parts = layerwise_loss(logits, tt["target"][idx])
+        loss, parts = layerwise_loss(logits, tt["target"][idx], norm=str(tr["loss_norm"]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
