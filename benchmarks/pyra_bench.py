@@ -1,7 +1,7 @@
 """PYRA / ToMe benchmark: digits accuracy against FLOPs, merged-graph throughput on ONNX Runtime CPU, and stacking.
 
     python benchmarks/pyra_bench.py                       # everything (trains missing digits runs first)
-    python benchmarks/pyra_bench.py --skip-speed          # digits accuracy + stacking only
+    OMP_NUM_THREADS=1 python benchmarks/pyra_bench.py --skip-speed --threads 1   # digits accuracy + stacking only
 
 1. Accuracy on the digits test split for unmerged / ToMe / PYRA at a low and a high merge rate (runs trained from
    recipes/{multiexit,tome,pyra}-digits.yaml, same backbone / data / train settings).
@@ -14,7 +14,12 @@
    FLOPs are reported. The chosen PYRA cascade is then exported and run through the ORT ``Cascade`` (stages with
    different token counts), with the parity report and the near-tie count.
 
-Writes ``<out>/pyra_bench.json`` and ``<out>/pyra_bench.png``.
+All five digits runs share recipes/multiexit-digits.yaml's backbone, data and train blocks (checked); a run in
+``--runs`` trained with another recipe (e.g. an older schedule) is moved aside to ``<name>.staleN`` and retrained.
+
+Writes ``<out>/pyra_bench.json`` and ``<out>/pyra_bench.png`` (default ``benchmarks/results/pyra/``). With
+``--skip-speed`` (``--skip-digits``) the throughput (digits) results of the previous JSON there are kept, and
+``speed_from`` (``digits_from``) says which command produced them.
 """
 
 from __future__ import annotations
@@ -45,14 +50,48 @@ RUNS = {  # name -> (recipe, overrides)
 
 
 # ---- digits: accuracy, FLOPs, cascades ----------------------------------------------------------------------------
+SHARED_BLOCKS = ("backbone", "data", "train")  # must be identical across the variants: only the method differs
+
+
+def variant_recipe(name: str) -> dict:
+    """The full recipe a variant trains with (recipe file + its overrides), as a plain mapping."""
+    from deploykit.train.recipe import load_recipe
+
+    recipe, sets = RUNS[name]
+    return load_recipe(ROOT / "recipes" / recipe, sets=sets).to_dict()
+
+
+def check_fair() -> None:
+    """Every variant must use the unmerged baseline's backbone, data and train blocks (fair comparison)."""
+    base = variant_recipe("unmerged")
+    for name in RUNS:
+        d = variant_recipe(name)
+        diff = [b for b in SHARED_BLOCKS if d[b] != base[b]]
+        if diff:
+            raise SystemExit(f"{name} ({RUNS[name][0]}) differs from {RUNS['unmerged'][0]} in {diff}; copy the "
+                             "baseline's blocks so the variants differ only in the method block")
+
+
 def ensure_runs(runs_dir: Path) -> None:
+    """Train missing runs; a run trained with another recipe (e.g. an older schedule) is moved aside and retrained."""
+    from deploykit.train.checkpoint import read_config
+    from deploykit.train.recipe import recipe_from_dict
+
+    check_fair()
     for name, (recipe, sets) in RUNS.items():
-        if (runs_dir / name / "model.safetensors").is_file():
-            continue
+        run = runs_dir / name
+        if (run / "model.safetensors").is_file():
+            if recipe_from_dict(read_config(run)).to_dict() == variant_recipe(name):
+                continue
+            stale = next(p for i in range(1000) if not (p := runs_dir / f"{name}.stale{i}").exists())
+            print(f"{run} was trained with another recipe; moving it to {stale} and retraining", flush=True)
+            run.rename(stale)
         cmd = [sys.executable, "-m", "deploykit", "train", "-r", str(ROOT / "recipes" / recipe), "-o",
-               str(runs_dir / name)] + [a for s in sets for a in ("--set", s)]
+               str(run)] + [a for s in sets for a in ("--set", s)]
         print("training:", " ".join(cmd), flush=True)
+        t0 = time.time()
         subprocess.run(cmd, check=True)
+        print(f"trained {name} in {time.time() - t0:.0f} s", flush=True)
 
 
 def split_arrays(split: str, pre: dict) -> tuple[torch.Tensor, np.ndarray]:
@@ -289,7 +328,8 @@ def plot(report: dict, path: Path) -> None:
         ax.bar(idx + 0.2, ratios, 0.4, label="FLOPs reduction")
         ax.set_xticks(idx, labels, rotation=70, fontsize=7)
         ax.set_ylabel("x vs unmerged graph")
-        ax.set_title("ONNX Runtime CPU, 224 px")
+        ax.set_title("ONNX Runtime CPU, 224 px" + (" (from an earlier run; see speed_from)" if report.get("speed_from")
+                                                  else ""))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -298,7 +338,7 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "pyra-bench")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pyra")
     ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--repeats", type=int, default=3)
@@ -317,14 +357,22 @@ def main() -> None:
                                                      if Path(sys.argv[0]).is_absolute() else sys.argv[0],
                                                      *sys.argv[1:]]),
                     "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__}
+    prev_path = args.out / "pyra_bench.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.skip_digits and "digits" in prev:  # keep the last digits results, and say where they came from
+            report["digits"] = prev["digits"]
+            report["digits_from"] = prev.get("digits_from") or {"command": prev.get("command"), "cpu": prev.get("cpu")}
         if not args.skip_digits:
             ensure_runs(args.runs)
             report["digits"] = digits_part(args.runs, args.tolerance, work)
         if not args.skip_speed:
             report["speed"] = speed_part(args.models, args.batches, args.repeats, work, args.threads,
                                          args.with_tome_speed)
+        elif "speed" in prev:  # keep the last throughput measurement (and say where it came from)
+            report["speed"] = prev["speed"]
+            report["speed_from"] = prev.get("speed_from") or {"command": prev.get("command"), "cpu": prev.get("cpu")}
     (args.out / "pyra_bench.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out / "pyra_bench.png")
     print("wrote", args.out / "pyra_bench.json", args.out / "pyra_bench.png")

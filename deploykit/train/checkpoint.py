@@ -152,6 +152,9 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     if missing or unexpected or bad_shapes:
+        sched = "merge_schedule"  # token-merging models: another schedule changes shapes; say that, not "shapes"
+        if sched in state and sched in own and state[sched].tolist() != own[sched].tolist():
+            model.load_state_dict(state, strict=True)  # raises the method's schedule-mismatch CheckpointError
         raise CheckpointError(
             f"{path} does not match the model described by {CONFIG_NAME}: missing {missing[:5]} "
             f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), shapes {bad_shapes[:5]}. "

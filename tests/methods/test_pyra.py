@@ -1,6 +1,7 @@
 """The ``tome`` and ``pyra`` methods on tiny timm ViTs: exactness, schedules, bad input, LoRA, exits, export."""
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -229,3 +230,86 @@ def test_stage_exports_to_static_shapes_without_scatter_and_matches_ort(tmp_path
         np.testing.assert_allclose(out["logits"], ref[0].numpy(), atol=1e-4, rtol=1e-3)
         assert (out["logits"].argmax(1) == ref[0].numpy().argmax(1)).all()
     runner.close()
+
+
+# ---- export parity with near-tied merge decisions (deploykit/export/validate.py) -----------------------------------
+PRE = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def _tied_model_and_inputs():
+    """A PYRA model without position embeddings, and images whose first rows are constant: every patch token of
+    such an image is identical, so every merge decision (top-r and partner) is an exact tie, in every stage."""
+    torch.manual_seed(0)
+    model = create_method("pyra", create_backbone("vit_tiny_patch16_224", 10, **KW), 10, schedule=SCHED,
+                          num_exits=2).eval()
+    _randomise_pyra(model)
+    with torch.no_grad():
+        model.backbone.pos_embed.zero_()
+    x = torch.randn(10, 3, 32, 32)
+    x[:4] = torch.randn(4, 3, 1, 1).expand(4, 3, 32, 32)  # 4 constant images: tied rows
+    return model, x.numpy()
+
+
+@pytest.fixture(scope="module")
+def tied_engine(tmp_path_factory):
+    """The tied model exported with the parity check on its tied and untied rows (one export for both tests)."""
+    from deploykit.export import export_model
+
+    model, x = _tied_model_and_inputs()
+    out = tmp_path_factory.mktemp("tied") / "eng"
+    return model, x, export_model(model, out, labels=[str(i) for i in range(10)], preprocessing=PRE,
+                                  parity_inputs=x)
+
+
+def test_parity_counts_near_tied_rows_in_the_manifest(tied_engine):
+    model, x, m = tied_engine
+    tied = model.near_tie_rows(0, torch.from_numpy(x))
+    assert tied[:4].all() and not tied[4:].any()  # the planted ties, and only those
+    p = m.provenance["parity"]
+    assert p["near_tie_eps"] == 1e-4
+    assert p["near_tied_rows"] == [4, 4] and p["chain_near_tied_rows"] == [4, 4]
+    assert len(p["near_tied_prediction_mismatches"]) == 2
+    saved = json.loads(m.path_of("deploykit.json").read_text())["provenance"]["parity"]
+    assert saved["near_tied_rows"] == [4, 4]
+
+
+def test_parity_waives_mismatches_only_on_near_tied_rows(tied_engine):
+    """An engine that disagrees with PyTorch passes only where every disagreeing row is near-tied."""
+    from deploykit.errors import ExportError
+    from deploykit.export.validate import check_parity
+
+    model, x, m = tied_engine
+    other = model.prepare_for_export()
+    with torch.no_grad():  # PyTorch side now disagrees with the exported graphs on (almost) every row
+        other.backbone.head.weight.neg_()
+        for h in other.exit_heads:
+            h.fc.weight.neg_()
+    with pytest.raises(ExportError, match="near-tied rows"):  # random rows aren't tied: mismatches there fail
+        check_parity(other, m, x)
+    report = check_parity(other, m, x[:4])  # only tied rows: reported, not a failure
+    assert report.near_tied_rows == [4, 4]
+    assert sum(report.prediction_mismatches) > 0
+    assert report.near_tied_prediction_mismatches == report.prediction_mismatches
+    assert report.chain_near_tied_prediction_mismatches == report.chain_prediction_mismatches
+    with pytest.raises(ExportError):  # eps 0: nothing is near-tied, the same mismatches fail
+        check_parity(other, m, x[:4], tie_eps=0.0)
+
+
+@pytest.mark.parametrize("other", [[3, 1], [2, 0]])
+def test_load_run_names_the_schedule_of_a_pyra_run(tmp_path, other):
+    """A run whose config asks for another schedule fails on the schedule, not on a generic shape mismatch."""
+    from deploykit.train import load_run, train
+
+    recipe = {"name": "tiny-pyra", "method": {"name": "pyra", "num_exits": 2, "schedule": [2, 2]},
+              "backbone": {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 16, "patch_size": 4, "depth": 2,
+                                                                      "embed_dim": 32, "num_heads": 2}},
+              "data": {"spec": "digits"},
+              "train": {"epochs": 1, "max_steps": 1, "batch_size": 16, "warmup_epochs": 0, "seed": 0}}
+    run = train(recipe, out=tmp_path / "run")
+    load_run(run)  # its own schedule loads
+    config = json.loads((run / "config.json").read_text())
+    config["method"]["schedule"] = other
+    (run / "config.json").write_text(json.dumps(config))
+    want = rf"trained with merge schedule \[2, 2\].*uses \[{other[0]}, {other[1]}\]"
+    with pytest.raises(CheckpointError, match=want):
+        load_run(run)
