@@ -5,6 +5,12 @@ high-order predictor, uniform loss weights), exports each to ONNX, calibrates th
 at 30 / 40 / 60 % of the full model's FLOPs (``deploykit.runtime.calibrate``) and reports the test split. It also
 checks that the exported DMPO cascade predicts exactly what the PyTorch model predicts on the whole test split.
 
+The ablations are the DMPO recipe with one ``method.*`` override each, so they always share its backbone, data and
+schedule; the script refuses to run if the DMPO and baseline recipes differ in ``backbone`` / ``data`` / ``train``.
+A secondary comparison, ``multiexit-fine`` / ``dmpo-fine``, moves both methods' exits to blocks 1/2/4/8 instead
+of the evenly spaced 2/4/6/8 (same override for both), so a 30 % budget is not forced onto the first exit.
+``dmpo-distill`` is one untuned try of DMPO's optional self-distillation (weight 1, temperature 2).
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dmpo_bench.py --out benchmarks/results/dmpo
 
 Writes ``dmpo_bench.json`` and ``dmpo_bench.png`` into ``--out``.
@@ -24,14 +30,42 @@ import numpy as np
 import torch
 
 BUDGETS = (0.3, 0.4, 0.6)
+BASELINE_RECIPE, DMPO_RECIPE = "recipes/multiexit-digits.yaml", "recipes/dmpo-digits.yaml"
+FINE_EXITS = {"method.exit_blocks": [1, 2, 4, 8]}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "multiexit": ("recipes/multiexit-digits.yaml", {}),
-    "dmpo": ("recipes/dmpo-digits.yaml", {}),
-    "dmpo-no-bypass": ("recipes/dmpo-digits.yaml", {"method.bypass": False}),
-    "dmpo-linear-predictor": ("recipes/dmpo-digits.yaml", {"method.predictor": "linear"}),
-    "dmpo-uniform-weights": ("recipes/dmpo-digits.yaml",
-                             {"method.phase1_weights": "uniform", "method.phase2_weights": "uniform"}),
+    "multiexit": (BASELINE_RECIPE, {}),
+    "dmpo": (DMPO_RECIPE, {}),
+    "dmpo-no-bypass": (DMPO_RECIPE, {"method.bypass": False}),
+    "dmpo-linear-predictor": (DMPO_RECIPE, {"method.predictor": "linear"}),
+    "dmpo-uniform-weights": (DMPO_RECIPE, {"method.phase1_weights": "uniform", "method.phase2_weights": "uniform"}),
+    # secondary comparison: finer exit placement, the same for both methods
+    "multiexit-fine": (BASELINE_RECIPE, FINE_EXITS),
+    "dmpo-fine": (DMPO_RECIPE, FINE_EXITS),
+    # one untuned try of DMPO's optional self-distillation from the last exit in phase 2
+    "dmpo-distill": (DMPO_RECIPE, {"method.distill_weight": 1.0, "method.distill_temperature": 2.0}),
 }
+
+
+def check_fair(baseline: str = BASELINE_RECIPE, dmpo: str = DMPO_RECIPE) -> None:
+    """Refuse to compare recipes whose backbone, data or training schedule differ."""
+    import yaml
+
+    a, b = (yaml.safe_load(Path(r).read_text()) for r in (baseline, dmpo))
+    diff = [k for k in ("backbone", "data", "train") if a.get(k) != b.get(k)]
+    if diff:
+        raise SystemExit(f"{dmpo} and {baseline} differ in {diff}: copy the baseline's blocks so the two compare "
+                         f"fairly (same backbone, data and schedule)")
+
+
+def cpu_model() -> str:
+    """The CPU model name as ``lscpu`` shows it (``platform.processor()`` is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def train_and_export(name: str, recipe: str, overrides: dict[str, Any], work: Path, skip_train: bool) -> Path:
@@ -81,13 +115,14 @@ def measure(name: str, engine_dir: Path, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "stage_flops": [s.flops for s in m.stages], "exit_head_flops": [s.exit_flops for s in m.stages],
         "full_flops": m.monolithic.flops if m.monolithic else None,
-        "method_config": m.method, "budgets": {},
+        "method_config": m.method, "exit_blocks": (m.method or {}).get("exit_blocks"), "budgets": {},
     }
     for b in BUDGETS:
         rep = calibrate(engine_dir, data="digits", flops_budget=b, json_out=work / "calibration" / f"{name}-{b}.json",
                         write=False)
         t = rep["test"]
         out["full_test_accuracy"] = t["full_accuracy"]
+        out["full_val_accuracy"] = rep["val"]["full_accuracy"]
         out["per_exit_test_accuracy"] = t["per_exit_accuracy"]
         out["curve"] = [(c["test_flops_ratio"], c["test_accuracy"]) for c in rep["curve"]]
         out["budgets"][str(b)] = {"test_accuracy": t["cascade_accuracy"], "test_flops_ratio": t["flops_ratio"],
@@ -105,12 +140,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"multiexit": ("tab:gray", "o", 2.0), "dmpo": ("tab:red", "s", 2.0)}
+    styles = {"multiexit": ("tab:gray", "o", 2.0, "-"), "dmpo": ("tab:red", "s", 2.0, "-"),
+              "multiexit-fine": ("tab:gray", "o", 1.2, "-."), "dmpo-fine": ("tab:red", "s", 1.2, "-.")}
     for name, r in results.items():
-        color, marker, lw = styles.get(name, (None, ".", 0.8))
+        color, marker, lw, ls = styles.get(name, (None, ".", 0.8, "-"))
         xs = [100 * r["budgets"][str(b)]["test_flops_ratio"] for b in BUDGETS]
         ys = [100 * r["budgets"][str(b)]["test_accuracy"] for b in BUDGETS]
-        line = ax.plot(xs, ys, marker=marker, lw=lw, color=color, label=f"{name} (calibrated at 30/40/60%)")[0]
+        exits = "/".join(str(e) for e in r.get("exit_blocks") or [])
+        line = ax.plot(xs, ys, marker=marker, lw=lw, ls=ls, color=color,
+                       label=f"{name}, exits {exits} (calibrated at 30/40/60%)")[0]
         cx, cy = zip(*r["curve"]) if r["curve"] else ((), ())
         ax.plot([100 * v for v in cx], [100 * v for v in cy], lw=0.6, ls=":", color=line.get_color())
         ax.axhline(100 * r["full_test_accuracy"], lw=0.5, ls="--", color=line.get_color())
@@ -132,6 +170,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--skip-train", action="store_true", help="reuse finished runs in the work dir")
     args = ap.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    check_fair()
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +195,7 @@ def main() -> None:
             + f"  [{time.time() - t0:.0f}s]", flush=True)
     report = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(sys.argv),
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()},
+        "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()},
         "budgets": list(BUDGETS), "results": results, "parity": parity,
     }
     (out / "dmpo_bench.json").write_text(json.dumps(report, indent=2) + "\n")
