@@ -18,12 +18,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+from _server import start_serve_local
 from serve_load import Conn, cpu_model, summarize
 
 
@@ -144,23 +144,11 @@ def exits(url: str) -> np.ndarray:
 
 
 def start(engine_dir: str, port: int, args: argparse.Namespace, slo: float | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from deploykit.cli import main; main()", "serve-local", engine_dir,
-           "--port", str(port), "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms",
-           str(args.max_queue_delay_ms), "--max-queue", str(args.max_queue), "--threads", str(args.threads)]
+    opts = ["--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
+            "--max-queue", str(args.max_queue), "--threads", str(args.threads)]
     if slo is not None:
-        cmd += ["--latency-slo-ms", str(slo)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit("server exited during startup") from None
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+        opts += ["--latency-slo-ms", str(slo)]
+    return start_serve_local(engine_dir, port, opts)
 
 
 def stop(proc: subprocess.Popen) -> int:

@@ -19,11 +19,11 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _server import start_serve_local
 
 
 # ---- a minimal keep-alive HTTP/1.1 client (low overhead: it shares the CPU with the server) ---------------------
@@ -219,25 +219,11 @@ def read_rss_mb(pid: int) -> float:
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from deploykit.cli import main; main()", "serve-local", args.engine_dir,
-           "--port", str(port), "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms",
-           str(args.max_queue_delay_ms), "--max-queue", str(args.max_queue)]
+    opts = ["--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
+            "--max-queue", str(args.max_queue)]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import urllib.request
-
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit("server exited during startup") from None
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+        opts += ["--threads", str(args.threads)]
+    return start_serve_local(args.engine_dir, port, opts)
 
 
 def cpu_model() -> str:

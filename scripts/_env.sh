@@ -15,8 +15,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[deploykit] installing (torch, onnxruntime, timm, ...) — about a minute"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH_SPEC
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[cpu,serve,dev]"
+  # (some machines' pip config names package folders that don't exist; its warnings about them are noise)
+  "$VENV/bin/python" -m pip install -q $TORCH_SPEC 2> >(grep -v "is ignored: it is neither" >&2)
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[cpu,serve,dev]" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -7,8 +7,6 @@ after every check passed, so a failed export never leaves a half-written engine 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from deploykit.errors import ExportError
 from deploykit.export.graphs import ExitHeadGraph, FullGraph, StageGraph, TrunkGraph, count_flops
 from deploykit.export.onnx_io import DEFAULT_OPSET, export_graph
+from deploykit.export.staging import staged_dir
 from deploykit.manifest import (
     BATCH_DIM,
     MANIFEST_NAME,
@@ -76,21 +75,13 @@ def export_model(
         raise ExportError(f"{len(labels)} labels for a model with {model.num_classes} classes")
     score = score or getattr(model.cfg, "score", "max_softmax")
     model = model.prepare_for_export().eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         manifest = _write_graphs(model, tmp, labels, pre, name, score, opset, backbone or {}, provenance or {})
         if parity_inputs is not None:
             from deploykit.export.validate import check_parity
 
             manifest.provenance["parity"] = check_parity(model, manifest, parity_inputs).to_dict()
             manifest.save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Manifest.load(out_dir)
 
 

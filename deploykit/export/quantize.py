@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import ConfigError, DataError, ManifestError
+from deploykit.export.staging import staged_dir
 from deploykit.manifest import MANIFEST_NAME, Manifest, StageSpec, file_sha256
 
 MODES = ("dynamic", "static")
@@ -290,10 +289,8 @@ def quantize(
         n_calib = len(x)
         per_stage = stage_feeds(m, x, batch_size)
         mono_feeds = per_stage[0]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     started = time.time()
-    try:
+    with staged_dir(out) as tmp:
         graphs: dict[str, Any] = {}
         specs = list(m.stages) + ([m.monolithic] if m.monolithic else [])
         for i, spec in enumerate(specs):
@@ -320,12 +317,6 @@ def quantize(
 
         m.provenance = {**m.provenance, "onnxruntime": onnxruntime.__version__, "quantized_at": time.time()}
         m.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Manifest.load(out)
 
 
