@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from serve_helpers import ThreadServer
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -38,38 +34,6 @@ def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ThreadServer:
-    """uvicorn in a background thread of the test process (in-process, real sockets, real HTTP)."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-
-    def __enter__(self) -> ThreadServer:
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def cascade(engine_dir: Path) -> Iterator[Any]:
     from deploykit.runtime.cascade import Cascade
@@ -87,21 +51,6 @@ def server(cascade: Any) -> Iterator[ThreadServer]:
     app = create_app(cascade, ServeConfig(max_batch_size=8, max_queue_delay_ms=20, max_queue=64, max_request_mb=1))
     with ThreadServer(app) as s:
         yield s
-
-
-def rows(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
-
-
-def png_bytes(seed: int = 0, size: int = 24) -> bytes:
-    import io
-
-    from PIL import Image
-
-    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ThreadServer, rows
-from helpers import fp32_request, http
+from serve_helpers import ThreadServer, fp32_request, http, rows
 
 from deploykit.errors import ConfigError
 from deploykit.manifest import Manifest

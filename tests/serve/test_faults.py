@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from conftest import ThreadServer, free_port, rows
-from helpers import error, fp32_request, http, outputs
+from serve_helpers import ThreadServer, error, fp32_request, free_port, http, outputs, rows
 
 from deploykit.errors import BackendError
 from deploykit.serve.app import ServeConfig, create_app

@@ -10,8 +10,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import png_bytes
-from helpers import http
+from serve_helpers import http, png_bytes
 
 
 def _chromium() -> str:

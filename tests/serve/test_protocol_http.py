@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import rows
-from helpers import bytes_request, error, fp32_request, http, outputs
+from serve_helpers import bytes_request, error, fp32_request, http, outputs, rows
 
 from deploykit.data.preprocess import load_image, preprocess_image
 
@@ -48,7 +47,7 @@ def test_fp32_infer_matches_offline_cascade(server, cascade, nested):
 
 
 def test_bytes_infer_preprocesses_per_manifest(server, cascade):
-    from conftest import png_bytes
+    from serve_helpers import png_bytes
 
     files = [png_bytes(i, size=20 + i) for i in range(3)]
     code, _, body = http(server.url + "/v2/models/tiny/infer", bytes_request(files))
@@ -156,7 +155,7 @@ def test_metrics_names(server):
 
 def test_tritonclient_works_unchanged(server, cascade):
     httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] not installed")
-    from conftest import png_bytes
+    from serve_helpers import png_bytes
 
     client = httpclient.InferenceServerClient(url=server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")

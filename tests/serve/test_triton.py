@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import rows
+from serve_helpers import rows
 
 from deploykit.cli import main
 from deploykit.errors import ConfigError
