@@ -136,14 +136,15 @@ def build_engines(
 ) -> dict[str, Any]:
     """Build one TensorRT engine per stage graph (and the monolithic graph) of an exported engine directory.
 
-    Every input gets one optimisation profile over the batch axis (min 1, opt, max); all builds share a timing
+    Every input gets one optimisation profile over the batch axis (min 1, opt, max) and over the named dynamic
+    axes the manifest declares in ``extra["dynamic_axes"]`` (:func:`profile_shapes`); all builds share a timing
     cache file in ``engine_dir``; plans are written next to the graphs and recorded in the manifest (each stage's
     ``extra["trt"]`` and the top-level ``extra["trt"]``). The offline lint runs first and refuses bad graphs.
 
     Returns:
         The top-level ``extra["trt"]`` record written to the manifest.
     """
-    from deploykit.export.trt_lint import lint_engine_dir
+    from deploykit.export.trt_lint import axis_ranges_of, lint_engine_dir
     from deploykit.manifest import Manifest, file_sha256
 
     settings = BuildSettings(precision, max_batch, opt_batch, workspace_mb, strongly_typed)
@@ -152,6 +153,9 @@ def build_engines(
     if not root.is_dir():
         raise ManifestError(f"engine directory {root} does not exist; run `deploykit export RUN_DIR -o {root}` first")
     manifest = Manifest.load(root)
+    if manifest.task.startswith("vl"):  # MuE graphs live in extra.mue, not stages: nothing would be built
+        raise EngineError(f"{root} is a MuE engine; `deploykit build` builds stage engines only so far (the MuE "
+                          "graphs' profile ranges are declared and linted, see docs/jetson.md) — use --backend ort-cpu")
     manifest.check_files()
     trt = require("tensorrt", "gpu")
     major = trt_major(trt.__version__)
@@ -160,6 +164,7 @@ def build_engines(
     if not report.ok:
         raise EngineError(f"graphs in {root} won't build with TensorRT {trt.__version__}:\n{report.format()}")
     strong = uses_strong_typing(major, settings.precision, settings.strongly_typed)
+    axis_ranges = axis_ranges_of(manifest.extra)
     settings.int8_qdq = is_qdq_manifest(manifest)
     if settings.int8_qdq and strong and settings.precision == "fp16":
         raise ConfigError("these are INT8 QDQ graphs: strongly typed TensorRT builds them as they are typed; the FP16 "
@@ -179,7 +184,7 @@ def build_engines(
             source = onnx_path.with_name(f"{onnx_path.stem}.fp16.onnx")
             convert_file(onnx_path, source, keep_outputs=(spec.exit_score,) if spec.exit_score else ())
         plan_path = onnx_path.with_suffix(PLAN_SUFFIX)
-        plan, profile, cache_bytes = _build_one(trt, logger, source, settings, strong, cache_bytes)
+        plan, profile, cache_bytes = _build_one(trt, logger, source, settings, strong, cache_bytes, axis_ranges)
         plan_path.write_bytes(plan)
         spec.extra["trt"] = {"engine": plan_path.name, "source": source.name,
                              "precision": f"int8+{settings.precision}" if settings.int8_qdq else settings.precision,
@@ -202,8 +207,48 @@ def is_qdq_manifest(manifest: Any) -> bool:
     return any(spec.precision == "int8-static" for spec in manifest.stages)
 
 
+def onnx_input_specs(onnx_path: str | os.PathLike) -> list[tuple[str, list[int | str]]]:
+    """``(name, dims)`` of a graph's inputs (initializers excluded); a dim is its size or its symbolic name."""
+    import onnx
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {t.name for t in g.initializer}
+    return [(v.name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                      for d in v.type.tensor_type.shape.dim])
+            for v in g.input if v.name not in inits]
+
+
+def profile_shapes(input_specs: list[tuple[str, list[int | str]]], batch_range: tuple[int, int, int],
+                   axis_ranges: dict[str, Any] | None = None) -> dict[str, list[list[int]]]:
+    """``{input: [min, opt, max]}`` shapes of one optimisation profile (pure; what ``build`` passes to TensorRT).
+
+    Axis 0 is the batch axis and takes ``batch_range``; a fixed axis keeps its size; a named dynamic axis takes
+    its declared ``axis_ranges[name]`` (``(min, opt, max)``, from the manifest's ``extra["dynamic_axes"]``).
+    A dynamic non-batch axis with no declared range is an :class:`EngineError`.
+    """
+    ranges = {k: [int(x) for x in v] for k, v in (axis_ranges or {}).items()}
+    out: dict[str, list[list[int]]] = {}
+    for name, dims in input_specs:
+        mins, opts, maxs = [], [], []
+        for axis, d in enumerate(dims):
+            if axis == 0:
+                r = list(batch_range)
+            elif isinstance(d, int) and d > 0:
+                r = [d, d, d]
+            elif isinstance(d, str) and d in ranges:
+                r = ranges[d]
+            else:
+                raise EngineError(f"input {name!r} axis {axis} ({d!r}) is dynamic with no declared range; declare it "
+                                  "in the manifest's extra.dynamic_axes as [min, opt, max] or re-export static")
+            for dst, v in zip((mins, opts, maxs), r):
+                dst.append(int(v))
+        out[name] = [mins, opts, maxs]
+    return out
+
+
 def _build_one(trt: Any, logger: Any, onnx_path: Path, s: BuildSettings, strong: bool,
-               cache_bytes: bytes) -> tuple[bytes, dict[str, list[list[int]]], bytes]:
+               cache_bytes: bytes, axis_ranges: dict[str, Any] | None = None
+               ) -> tuple[bytes, dict[str, list[list[int]]], bytes]:
     """Parse, profile and build one graph; returns the plan, the profile ranges and the updated timing cache."""
     builder = trt.Builder(logger)
     flags = 0
@@ -222,15 +267,14 @@ def _build_one(trt: Any, logger: Any, onnx_path: Path, s: BuildSettings, strong:
     if s.int8_qdq and not strong:
         config.set_flag(trt.BuilderFlag.INT8)  # TensorRT 10 weak typing: explicit-precision Q/DQ needs it; 11: typed
     profile = builder.create_optimization_profile()
-    ranges: dict[str, list[list[int]]] = {}
+    try:
+        ranges = profile_shapes(onnx_input_specs(onnx_path), (1, s.opt, s.max_batch), axis_ranges)
+    except EngineError as e:
+        raise EngineError(f"{onnx_path.name}: {e}") from e
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        shape = list(t.shape)
-        if any(d < 0 for d in shape[1:]):
-            raise EngineError(f"{onnx_path.name}: input {t.name!r} has dynamic non-batch axes {shape}; re-export")
-        mins, opts, maxs = ([b, *shape[1:]] for b in (1, s.opt, s.max_batch))
+        mins, opts, maxs = ranges[t.name]
         profile.set_shape(t.name, min=mins, opt=opts, max=maxs)
-        ranges[t.name] = [mins, opts, maxs]
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -354,6 +398,8 @@ class TrtRunner(Runner):
             shape = tuple(self.context.get_tensor_shape(n))
             bufs[n] = torch.empty(shape, dtype=self._dtypes[n], device=self.device)
         for n, t in bufs.items():
+            if t.numel() == 0:  # empty tensors (MuE's KV cache at step 0) still need a non-null address
+                t = bufs[n] = torch.empty(1, dtype=t.dtype, device=self.device).as_strided(t.shape, t.stride())
             self.context.set_tensor_address(n, int(t.data_ptr()))
         self._point_scratch()
         stream = torch.cuda.current_stream(self.device)
@@ -375,4 +421,4 @@ class TrtRunner(Runner):
 
 
 __all__ = ["BuildSettings", "PRECISIONS", "TrtRunner", "build_engines", "check_engine_compat", "device_info",
-           "trt_major", "uses_strong_typing"]
+           "onnx_input_specs", "profile_shapes", "trt_major", "uses_strong_typing"]

@@ -93,6 +93,20 @@ def _dummies(m: MuEModel, name: str) -> tuple[Tensor, ...]:
             torch.randn(b, h, src, dh), torch.ones(b, src))
 
 
+def dynamic_axis_ranges(num_patches: int, max_text_len: int, max_gen_len: int) -> dict[str, list[int]]:
+    """``[min, opt, max]`` of every named non-batch axis of the MuE graphs (the TensorRT profiles' ranges).
+
+    ``text``: 1..max_text_len words (empty text is refused); ``seq``: an encoder layer's stream, image
+    (num_patches) or text (<= max_text_len), opt at the image stream; ``src``: image + text tokens; ``past``: the
+    decoder's KV-cache length, **0** at the first step (the runtime feeds an empty cache there, as on ONNX Runtime;
+    TensorRT supports empty tensors) up to max_gen_len. Opt text length is half the limit.
+    """
+    n, lt, lg = int(num_patches), int(max_text_len), int(max_gen_len)
+    opt_t = max(1, (lt + 1) // 2)
+    return {"text": [1, opt_t, lt], "seq": [1, n, max(n, lt)], "src": [n + 1, n + opt_t, n + lt],
+            "past": [0, max(1, lg // 2), max(1, lg)]}
+
+
 def _spec(names: list[str], axes: dict[str, dict[int, str]], tensors: Any) -> list[dict[str, Any]]:
     out = []
     for n, t in zip(names, tensors):
@@ -147,7 +161,8 @@ def export_mue(run_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
                        "vocab": "vocab.json", "answer_tokens": list(LABELS), "enc_layers": cfg.enc_layers,
                        "dec_layers": cfg.dec_layers, "heads": cfg.heads, "dim": cfg.dim,
                        "max_text_len": cfg.max_text_len, "max_gen_len": cfg.max_gen_len,
-                       "num_patches": cfg.num_patches, "decisions": "per-sample"}})
+                       "num_patches": cfg.num_patches, "decisions": "per-sample"},
+               "dynamic_axes": dynamic_axis_ranges(cfg.num_patches, cfg.max_text_len, cfg.max_gen_len)})
     manifest.save(out)
     if check:
         from deploykit.methods.mue.train import load_examples

@@ -2,8 +2,10 @@
 
 The rules come from the ONNX-TensorRT operator support matrix (``docs/operators.md`` of onnx/onnx-tensorrt, the
 10.15 table, cross-checked against the 10.x changelog) plus what deploykit's builder needs: one optimisation
-profile over the batch axis only. Only restrictions that make a build fail or give wrong results are errors;
-things that may cost speed or need a check on the device are warnings. ``build`` refuses graphs with errors.
+profile over the batch axis, and over the named non-batch axes whose ranges the manifest declares
+(``extra["dynamic_axes"] = {name: [min, opt, max]}``, written by the MuE export; see :func:`axis_ranges_of`).
+Only restrictions that make a build fail or give wrong results are errors; things that may cost speed or need a
+check on the device are warnings. ``build`` refuses graphs with errors.
 
 Run it as ``deploykit lint ENGINE_DIR`` or from ``deploykit export --check-trt`` (:func:`check_trt`).
 """
@@ -65,6 +67,29 @@ _CONTROL_FLOW = {"If", "Loop", "Scan"}
 _DYNAMIC_INT8 = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 TOPK_MAX_K = 3840
 DEFAULT_TARGET = "10.3"  # JetPack 6
+WIDE_RANGE_RATIO = 8  # a declared axis whose max is this many times its opt gets a warning (kernels tuned for opt)
+AxisRanges = dict[str, tuple[int, int, int]]
+
+
+def axis_ranges_of(extra: dict[str, Any] | None) -> AxisRanges:
+    """Validated ``{axis name: (min, opt, max)}`` from a manifest's ``extra["dynamic_axes"]`` (empty when absent).
+
+    TensorRT needs ``0 <= min <= opt <= max`` and ``max >= 1``; anything else is a :class:`ManifestError`.
+    """
+    raw = (extra or {}).get("dynamic_axes") or {}
+    if not isinstance(raw, dict):
+        raise ManifestError(f"extra.dynamic_axes must map axis names to [min, opt, max], got {raw!r}")
+    out: AxisRanges = {}
+    for name, r in raw.items():
+        try:
+            lo, opt, hi = (int(v) for v in r)
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"extra.dynamic_axes[{name!r}] must be [min, opt, max] integers, got {r!r}") from e
+        if not (0 <= lo <= opt <= hi and hi >= 1):
+            raise ManifestError(f"extra.dynamic_axes[{name!r}] = {[lo, opt, hi]}: TensorRT needs "
+                                "0 <= min <= opt <= max and max >= 1")
+        out[str(name)] = (lo, opt, hi)
+    return out
 
 
 def opset_range(target: str) -> tuple[int, int]:
@@ -136,6 +161,7 @@ def lint_graph(
         model: str | os.PathLike | onnx.ModelProto,
         target: str = DEFAULT_TARGET,
         name: str | None = None,
+        axis_ranges: dict[str, Any] | None = None,
 ) -> list[LintIssue]:
     """Check one ONNX graph against TensorRT's ONNX parser support.
 
@@ -143,6 +169,8 @@ def lint_graph(
         model: path to an ``.onnx`` file or a loaded ``ModelProto``.
         target: TensorRT version the engine will be built with (``"10.3"`` for JetPack 6, ``"11"``).
         name: graph name used in the issues (defaults to the file name).
+        axis_ranges: ``{axis name: (min, opt, max)}`` declared by the manifest; inputs' dynamic non-batch axes
+            with these names get a profile range at build time and are not errors.
 
     Returns:
         Every issue found, errors and warnings, in graph order.
@@ -156,12 +184,13 @@ def lint_graph(
             model = onnx.load(str(path), load_external_data=False)
         except Exception as e:  # protobuf decode errors have no common base class
             raise ExportError(f"{path} is not a readable ONNX model ({e}); re-export it") from e
-    return _Linter(model, name or model.graph.name or "graph", target).run()
+    ranges = {k: tuple(int(x) for x in v) for k, v in (axis_ranges or {}).items()}
+    return _Linter(model, name or model.graph.name or "graph", target, ranges).run()
 
 
 class _Linter:
-    def __init__(self, model: onnx.ModelProto, name: str, target: str):
-        self.model, self.name, self.target = model, name, target
+    def __init__(self, model: onnx.ModelProto, name: str, target: str, axis_ranges: dict[str, tuple[int, ...]]):
+        self.model, self.name, self.target, self.axis_ranges = model, name, target, axis_ranges
         self.version = _version_tuple(target)
         self.issues: list[LintIssue] = []
         try:
@@ -206,19 +235,30 @@ class _Linter:
     def check_io(self) -> None:
         g = self.model.graph
         inits = {t.name for t in g.initializer}
+        derived: dict[str, list[Any]] | None = None
         for kind, values in (("input", [v for v in g.input if v.name not in inits]), ("output", list(g.output))):
             for v in values:
                 tt = v.type.tensor_type
                 dims = list(tt.shape.dim)
                 for axis, d in enumerate(dims):
-                    if axis == 0:
+                    if axis == 0 or (d.HasField("dim_value") and d.dim_value > 0):
                         continue
-                    if d.HasField("dim_param") or not d.HasField("dim_value") or d.dim_value <= 0:
-                        label = d.dim_param or "?"
-                        self.add(None, "dynamic-dim", "error",
-                                 f"graph {kind} {v.name!r} has a dynamic axis {axis} ({label!r}); the build makes one "
-                                 "optimisation profile over the batch axis only — export with static non-batch shapes",
-                                 op=kind)
+                    label = d.dim_param or "?"
+                    if d.dim_param and d.dim_param in self.axis_ranges:
+                        if kind == "input":
+                            self.check_range(v.name, axis, d.dim_param)
+                        continue
+                    if kind == "output":  # exporter-named dims TensorRT computes from the (profiled) inputs are fine
+                        derived = self.derived_output_dims() if derived is None else derived
+                        got = derived.get(v.name, [])
+                        if axis < len(got) and (isinstance(got[axis], int) or got[axis] in self.axis_ranges):
+                            continue
+                    declared = f" (declared: {', '.join(sorted(self.axis_ranges))})" if self.axis_ranges else ""
+                    self.add(None, "dynamic-dim", "error",
+                             f"graph {kind} {v.name!r} has a dynamic axis {axis} ({label!r}) with no declared range"
+                             f"{declared}; the build makes profiles over the batch axis and the axes the manifest "
+                             "declares in extra.dynamic_axes only — export static non-batch shapes or declare "
+                             f"{label!r}: [min, opt, max]", op=kind)
                 if tt.elem_type == TensorProto.INT64:
                     self.add(None, "int64-io", "warning",
                              f"graph {kind} {v.name!r} is INT64; it must be bound as int64 on the device and TensorRT "
@@ -226,6 +266,31 @@ class _Linter:
                 elif tt.elem_type == TensorProto.DOUBLE:
                     self.add(None, "double-io", "error",
                              f"graph {kind} {v.name!r} is DOUBLE; TensorRT has no FP64 — export it as float32", op=kind)
+
+    def check_range(self, tensor: str, axis: int, axis_name: str) -> None:
+        lo, opt, hi = self.axis_ranges[axis_name]
+        if hi > WIDE_RANGE_RATIO * max(opt, 1):
+            self.add(None, "wide-axis-range", "warning",
+                     f"graph input {tensor!r} axis {axis} ({axis_name!r}) spans {lo}..{hi} with opt {opt}; kernels are "
+                     "tuned for opt and may be slow near max — consider a narrower range or a second profile",
+                     op="input")
+
+    def derived_output_dims(self) -> dict[str, list[Any]]:
+        """Output dims ONNX shape inference derives from the inputs (ints, or the input axis names they follow)."""
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        for o in m.graph.output:
+            o.type.tensor_type.ClearField("shape")
+        try:
+            inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+        except Exception:
+            return {}
+        out: dict[str, list[Any]] = {}
+        for o in inferred.graph.output:
+            if o.type.tensor_type.HasField("shape"):
+                out[o.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                               for d in o.type.tensor_type.shape.dim]
+        return out
 
     def check_node(self, node: onnx.NodeProto) -> None:
         op = node.op_type
@@ -371,17 +436,33 @@ def engine_graphs(engine_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise ManifestError(f"engine directory {root} does not exist; run `deploykit export RUN_DIR -o {root}` first")
     m = Manifest.load(root)
+    if m.task.startswith("vl"):  # MuE engines list their graphs (stems, layers, decoder steps) in extra
+        return [m.path_of(g["file"]) for g in (m.extra.get("mue") or {}).get("graphs", {}).values()]
     m.check_files()
     specs = list(m.stages) + ([m.monolithic] if m.monolithic else [])
     return [m.path_of(s.file) for s in specs]
 
 
 def lint_engine_dir(engine_dir: str | os.PathLike, target: str = DEFAULT_TARGET) -> LintReport:
-    """Lint every graph the manifest of ``engine_dir`` names (what ``deploykit lint`` prints)."""
+    """Lint every graph the manifest of ``engine_dir`` names (what ``deploykit lint`` prints).
+
+    Named dynamic axes declared in the manifest's ``extra["dynamic_axes"]`` are allowed on graph inputs; a range
+    that may be 0 (an empty tensor, e.g. MuE's KV cache at the first decoding step) gets one warning.
+    """
+    from deploykit.manifest import MANIFEST_NAME, Manifest
+
     report = LintReport(target=target)
-    for path in engine_graphs(engine_dir):
+    graphs = engine_graphs(engine_dir)
+    ranges = axis_ranges_of(Manifest.load(engine_dir).extra)
+    for axis, (lo, _, hi) in sorted(ranges.items()):
+        if lo == 0:
+            report.issues.append(LintIssue(
+                MANIFEST_NAME, "", "dynamic_axes", "empty-axis", "warning",
+                f"axis {axis!r} may be 0 (range {lo}..{hi}): TensorRT supports empty tensors but each empty binding "
+                "still needs a non-null address (TrtRunner binds a 1-element buffer) — verify on the device"))
+    for path in graphs:
         report.graphs.append(path.name)
-        report.issues.extend(lint_graph(path, target=target))
+        report.issues.extend(lint_graph(path, target=target, axis_ranges=ranges))
     return report
 
 
@@ -396,5 +477,5 @@ def check_trt(engine_dir: str | os.PathLike, target: str = DEFAULT_TARGET) -> Li
     return report
 
 
-__all__ = ["DEFAULT_TARGET", "LintIssue", "LintReport", "check_trt", "engine_graphs", "lint_engine_dir",
-           "lint_graph", "opset_range"]
+__all__ = ["DEFAULT_TARGET", "LintIssue", "LintReport", "axis_ranges_of", "check_trt", "engine_graphs",
+           "lint_engine_dir", "lint_graph", "opset_range"]

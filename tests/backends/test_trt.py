@@ -185,3 +185,31 @@ def test_ort_cuda_iobinding_runner(trained_engine: Path) -> None:
         got, ref = g.run({"image": x}), c.run({"image": x})
         assert got[s.outputs[0].name].is_cuda
         assert np.abs(g.to_host(got[s.exit_score]) - ref[s.exit_score]).max() < 1e-3
+
+
+# ---- optimisation profile shapes (pure; no TensorRT) ------------------------------------------------------------
+MUE_AXES = {"text": [1, 8, 16], "seq": [1, 36, 36], "src": [37, 44, 52], "past": [0, 9, 18]}
+DEC_STEP_INPUTS = [("x", ["batch", 1, 64]), ("past_k", ["batch", 4, "past", 16]), ("past_v", ["batch", 4, "past", 16]),
+                   ("cross_k", ["batch", 4, "src", 16]), ("cross_v", ["batch", 4, "src", 16]),
+                   ("enc_mask", ["batch", "src"])]
+
+
+def test_profile_shapes_for_a_mue_decoder_step() -> None:
+    from deploykit.backends.trt import profile_shapes
+
+    p = profile_shapes(DEC_STEP_INPUTS, (1, 8, 32), MUE_AXES)
+    assert p["x"] == [[1, 1, 64], [8, 1, 64], [32, 1, 64]]
+    assert p["past_k"] == p["past_v"] == [[1, 4, 0, 16], [8, 4, 9, 16], [32, 4, 18, 16]]
+    assert p["cross_k"] == p["cross_v"] == [[1, 4, 37, 16], [8, 4, 44, 16], [32, 4, 52, 16]]
+    assert p["enc_mask"] == [[1, 37], [8, 44], [32, 52]]
+    # every profile is ordered min <= opt <= max, as TensorRT requires
+    assert all(lo <= o <= hi for mn, op, mx in p.values() for lo, o, hi in zip(mn, op, mx))
+
+
+def test_profile_shapes_batch_only_and_undeclared_axis() -> None:
+    from deploykit.backends.trt import profile_shapes
+
+    assert profile_shapes([("image", ["batch", 3, 16, 16])], (1, 8, 32)) == {
+        "image": [[1, 3, 16, 16], [8, 3, 16, 16], [32, 3, 16, 16]]}
+    with pytest.raises(EngineError, match="'past_k' axis 2 .'past'. is dynamic with no declared range"):
+        profile_shapes(DEC_STEP_INPUTS, (1, 8, 32), {"src": [37, 44, 52]})

@@ -146,3 +146,44 @@ def test_lint_of_missing_dir_is_a_clear_error(tmp_path: Path) -> None:
         lint_engine_dir(tmp_path / "nope")
     res = CliRunner().invoke(main, ["lint", str(tmp_path)])
     assert res.exit_code == 2 and "no manifest" in res.output
+
+
+# ---- declared dynamic axes (MuE's text / past / src) ----------------------------------------------------------
+def _kv_model():
+    return _model([helper.make_node("Concat", ["past", "k"], ["kv"], name="cat", axis=2)],
+                  [_vi("past", ["batch", 2, "past", 4]), _vi("k", ["batch", 2, 1, 4])],
+                  [_vi("kv", ["batch", 2, "kv_len", 4])])
+
+
+def test_declared_dynamic_axis_passes_and_undeclared_stays_an_error() -> None:
+    model = _kv_model()
+    undeclared = lint_graph(model)
+    assert [(i.code, i.op, i.severity) for i in undeclared] == [("dynamic-dim", "input", "error"),
+                                                               ("dynamic-dim", "output", "error")]
+    assert "'past'" in undeclared[0].message
+    # declared input axis: fine; the output's exporter-named axis is derived by shape inference (past + 1)
+    issues = lint_graph(model, axis_ranges={"past": (0, 8, 16)})
+    assert [i for i in issues if i.severity == "error" and i.op == "input"] == []
+    other = lint_graph(model, axis_ranges={"text": (1, 8, 16)})
+    assert [(i.code, i.op) for i in other if i.severity == "error"][0] == ("dynamic-dim", "input")
+
+
+def test_static_output_dims_derived_by_shape_inference_are_fine() -> None:
+    flat = helper.make_node("Flatten", ["x"], ["y"], name="flat", axis=1)
+    model = _model([flat], [_vi("x", ["batch", 2, 4])], [_vi("y", ["batch", "exporter_dim_1"])])
+    assert lint_graph(model) == []
+
+
+def test_wide_declared_range_is_a_warning() -> None:
+    issues = lint_graph(_kv_model(), axis_ranges={"past": (0, 2, 512), "kv_len": (1, 3, 513)})
+    assert [(i.code, i.severity) for i in issues] == [("wide-axis-range", "warning")]
+
+
+@pytest.mark.parametrize("bad", [{"text": [2, 1, 4]}, {"text": [-1, 1, 4]}, {"text": [0, 0, 0]}, {"text": [1, 2]},
+                                 {"text": "1..4"}])
+def test_bad_declared_ranges_are_refused(bad) -> None:
+    from deploykit.export.trt_lint import axis_ranges_of
+
+    with pytest.raises(ManifestError, match="dynamic_axes"):
+        axis_ranges_of({"dynamic_axes": bad})
+    assert axis_ranges_of({"dynamic_axes": {"past": [0, 9, 18]}}) == {"past": (0, 9, 18)}
