@@ -120,7 +120,11 @@ async def open_loop(port: int, path: str, bodies: list[bytes], idx: list[np.ndar
 
 def report(col: Collector, sent: int, wall: float, t_start: float, settle: float) -> dict:
     out = summarize([lat for _, lat in col.lat], col.codes, sent, wall)
-    if settle:
+    if settle:  # open loop: p99 of the requests sent in each second (where the tail comes from)
+        sec = np.asarray([int(t0 - t_start) for t0, _ in col.lat])
+        lats = np.asarray([lat for _, lat in col.lat]) * 1000
+        out["p99_ms_by_second"] = [round(float(np.percentile(lats[sec == k], 99)), 1) if (sec == k).any() else None
+                                   for k in range(int(sec.max()) + 1 if sec.size else 0)]
         late = [lat for t0, lat in col.lat if t0 >= t_start + settle]
         out["after_settle"] = {"after_s": settle, **summarize(late, {200: len(late)}, len(late), wall)["latency_ms"]}
     correct = np.concatenate(col.correct) if col.correct else np.zeros(0, bool)

@@ -1,8 +1,10 @@
 """Load-adaptive exits: move along the calibrated accuracy–FLOPs curve when latency nears the SLO.
 
 Front-end agnostic (no HTTP framework, no asyncio), so serve-local and a Ray Serve front-end share it: feed it
-request latencies (:meth:`AdaptiveController.observe`) and the age of the oldest queued request, call
-:meth:`AdaptiveController.tick` periodically, and read :meth:`AdaptiveController.current` when a batch runs.
+request latencies (:meth:`AdaptiveController.observe`) and finished batches
+(:meth:`AdaptiveController.observe_batch`: rows, compute seconds, the rung it ran at), call
+:meth:`AdaptiveController.tick` periodically with the oldest queued request's age and the queued rows, and read
+:meth:`AdaptiveController.current` when a batch runs.
 
 The rule (documented in docs/serve.md):
 - The *ladder* is the calibrated point (the manifest's thresholds, "home") followed by ever cheaper points of the
@@ -11,9 +13,16 @@ The rule (documented in docs/serve.md):
 - Signal ``s`` = max(p95 latency of requests that *arrived* after the last change and finished in the last
   ``window_s``, the oldest waiting request's wait counted from the last change at most): only what the current
   point did counts, so the backlog left by the previous point doesn't push the controller further down.
-- Step down (cheaper) when ``s > high * SLO``, at most once per ``down_dwell_s``.
-- Step up when ``s * cost(up) / cost(current) < low * SLO`` has held for ``up_hold_s``: the latency the dearer
-  point is predicted to cause must sit well inside the SLO, so the controller doesn't oscillate.
+- *Service rate* of a rung: rows per compute second of the batches it ran in the last ``window_s``; for a rung
+  with no recent batch, the most recent measured rung's rate scaled by the FLOPs ratio (cheaper rung, faster).
+  *Predicted wait* at a rung = queued rows / its service rate: what a request arriving now would wait.
+- Step down (cheaper) as soon as the predicted wait at the current rung exceeds ``high * SLO`` (once per batch
+  measured at the new rung, so the controller doesn't act twice on the same guess), or when ``s > high * SLO``
+  (at most once per ``down_dwell_s``). The move goes straight to the first cheaper rung whose predicted wait is at
+  most ``high * SLO`` (the cheapest when none is), so a 2x overload is answered in one move, not one rung per dwell.
+- Step up one rung when ``s * cost(up) / cost(current) < low * SLO`` and the predicted wait at the dearer rung is
+  under ``low * SLO``, both for ``up_hold_s``: the latency the dearer point is predicted to cause must sit well
+  inside the SLO, so the controller doesn't oscillate.
 """
 
 from __future__ import annotations
@@ -81,6 +90,10 @@ def build_ladder(curve: list[dict[str, Any]], home: list[float | None], home_flo
     return ladder
 
 
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
 def _same(a: list[float | None], b: list[float | None]) -> bool:
     if len(a) != len(b):
         return False
@@ -96,8 +109,9 @@ class AdaptiveController:
         slo_s: the latency target (p99) in seconds.
         high: step down when the signal exceeds ``high * slo_s`` (early enough to drain before the SLO).
         low: step up when the predicted signal at the dearer point is under ``low * slo_s``.
-        window_s: latency window for the p95.
-        down_dwell_s: least time between two down-steps (lets the queue react).
+        window_s: latency window for the p95 and batch window for the service rate.
+        down_dwell_s: least time between two down-steps on the latency signal (lets the queue react); a down-step
+            on the predicted wait only waits for one batch measured at the new rung.
         up_hold_s: how long the up-condition must hold before a step up.
         clock: time source (tests).
     """
@@ -113,6 +127,7 @@ class AdaptiveController:
         self._lock = threading.Lock()
         self._level = 0
         self._lat: deque[tuple[float, float]] = deque(maxlen=4096)  # (finished, arrived)
+        self._batches: deque[tuple[float, int, float, int]] = deque(maxlen=1024)  # (finished, rows, seconds, level)
         self._changed = clock()
         self._up_since: float | None = None
         self.changes = {"down": 0, "up": 0}
@@ -142,6 +157,45 @@ class AdaptiveController:
             now = self._clock()
             self._lat.append((now, now - latency_s))
 
+    def observe_batch(self, rows: int, seconds: float, level: int | None = None) -> None:
+        """Record one finished batch: ``rows`` run in ``seconds`` of compute at rung ``level`` (default: current)."""
+        if rows <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            self._batches.append((self._clock(), int(rows), float(seconds), self._level if level is None else level))
+
+    def service_rate(self, level: int | None = None) -> float | None:
+        """Predicted rows/s at rung ``level`` (default: current); ``None`` before any batch was measured."""
+        level = self._level if level is None else level
+        now = self._clock()
+        with self._lock:
+            recent = [b for b in self._batches if b[0] >= now - self.window_s] or list(self._batches)[-8:]
+        if not recent:
+            return None
+        own = [b for b in recent if b[3] == level]
+        if own:
+            return sum(b[1] for b in own) / sum(b[2] for b in own)
+        ref = recent[-1][3]  # the latest measured rung, scaled by FLOPs
+        same = [b for b in recent if b[3] == ref]
+        rate = sum(b[1] for b in same) / sum(b[2] for b in same)
+        return rate * self.ladder[ref].flops_ratio / max(self.ladder[level].flops_ratio, 1e-9)
+
+    def predicted_wait(self, queued_rows: int, level: int | None = None) -> float:
+        """Seconds a request arriving now would wait at rung ``level``: queued rows / service rate (0 if unknown)."""
+        rate = self.service_rate(level)
+        return queued_rows / rate if rate and queued_rows > 0 else 0.0
+
+    def _target(self, queued_rows: int, level: int) -> int:
+        """First rung cheaper than ``level`` whose predicted wait is at most ``high * SLO`` (else the cheapest)."""
+        for k in range(level + 1, len(self.ladder)):
+            if self.predicted_wait(queued_rows, k) <= self.high * self.slo_s:
+                return k
+        return len(self.ladder) - 1
+
+    def _measured_since_change(self) -> bool:
+        with self._lock:
+            return any(b[0] >= self._changed and b[3] == self._level for b in self._batches)
+
     def signal(self, oldest_wait_s: float = 0.0) -> float:
         """``max(p95 latency of requests served at the current point, oldest request's wait since the change)``."""
         now = self._clock()
@@ -150,19 +204,25 @@ class AdaptiveController:
         p95 = float(np.percentile(recent, 95)) if recent else 0.0
         return max(p95, min(oldest_wait_s, now - self._changed))
 
-    def tick(self, oldest_wait_s: float = 0.0) -> OperatingPoint:
-        """Apply the rule once; returns the (possibly new) current point."""
+    def tick(self, oldest_wait_s: float = 0.0, queued_rows: int = 0) -> OperatingPoint:
+        """Apply the rule once (``queued_rows``: rows waiting for a batch); returns the (possibly new) current point."""
         now = self._clock()
         s = self.signal(oldest_wait_s)
-        level = self._level
-        if s > self.high * self.slo_s:
+        level, bound = self._level, self.high * self.slo_s
+        bottom = len(self.ladder) - 1
+        predicted = self.predicted_wait(queued_rows, level)
+        if predicted > bound and level < bottom and (self._measured_since_change()
+                                                     or now - self._changed >= self.down_dwell_s):
+            self._set(self._target(queued_rows, level), now, "down")
+        elif s > bound or predicted > bound:
             self._up_since = None
-            if level < len(self.ladder) - 1 and now - self._changed >= self.down_dwell_s:
-                self._set(level + 1, now, "down")
+            if s > bound and level < bottom and now - self._changed >= self.down_dwell_s:
+                self._set(self._target(queued_rows, level) if queued_rows > 0 else level + 1, now, "down")
         elif level > 0:
             cur, up = self.ladder[level], self.ladder[level - 1]
-            predicted = s * up.flops_ratio / max(cur.flops_ratio, 1e-9)
-            if predicted < self.low * self.slo_s:
+            predicted_s = s * up.flops_ratio / max(cur.flops_ratio, 1e-9)
+            calm = self.low * self.slo_s
+            if predicted_s < calm and self.predicted_wait(queued_rows, level - 1) < calm:
                 if self._up_since is None:
                     self._up_since = now
                 elif now - self._up_since >= self.up_hold_s:
@@ -180,6 +240,6 @@ class AdaptiveController:
     def state(self) -> dict[str, Any]:
         """JSON view for ``/stats``."""
         return {**self.current().as_params(), "slo_ms": self.slo_s * 1000, "levels": len(self.ladder),
-                "changes": dict(self.changes),
+                "changes": dict(self.changes), "service_rate_rows_s": _round(self.service_rate()),
                 "ladder": [{"flops_ratio": round(p.flops_ratio, 4), "expected_accuracy": p.expected_accuracy}
                            for p in self.ladder]}

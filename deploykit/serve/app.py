@@ -25,7 +25,7 @@ from deploykit.data.preprocess import load_image, preprocess_image
 from deploykit.errors import DataError
 from deploykit.serve import protocol
 from deploykit.serve.adaptive import AdaptiveController
-from deploykit.serve.batcher import Batcher, QueueFull
+from deploykit.serve.batcher import Batcher, BatchStats, QueueFull
 from deploykit.serve.metrics import ServeMetrics
 
 _PARSE_IN_THREAD_BYTES = 64 * 1024
@@ -76,8 +76,13 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
             out["operating_point"] = np.full(len(x), point.level, dtype=np.int64)
         return out
 
+    def on_batch(stats: BatchStats) -> None:
+        metrics.observe_batch(stats)
+        if adaptive is not None and stats.result is not None and "operating_point" in stats.result:
+            adaptive.observe_batch(stats.rows, stats.seconds, int(stats.result["operating_point"][0]))
+
     batcher = Batcher(run_batch, config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.max_queue,
-                      on_batch=metrics.observe_batch)
+                      on_batch=on_batch)
 
     def decode_image(data: bytes) -> np.ndarray:
         return preprocess_image(load_image(data), pre)
@@ -204,7 +209,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
     async def adapt() -> None:
         while True:
             await asyncio.sleep(config.adaptive_tick_s)
-            adaptive.tick(batcher.oldest_wait_s)
+            adaptive.tick(batcher.oldest_wait_s, batcher.queued_rows)
 
     m = "/v2/models/{name}"
     mv = "/v2/models/{name}/versions/{version}"

@@ -120,6 +120,11 @@ class Batcher:
         return time.perf_counter() - self._queue[0].enqueued if self._queue else 0.0
 
     @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch (parts of split requests included): the controller's predicted-wait input."""
+        return sum(self._rows.values())
+
+    @property
     def closing(self) -> bool:
         return self._closing
 

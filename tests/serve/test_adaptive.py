@@ -69,6 +69,43 @@ def test_controller_steps_down_under_load_and_back_with_hysteresis():
     assert c.current().level == 1
 
 
+def test_predicted_queueing_jumps_several_rungs_before_any_latency_is_seen():
+    clock = Clock()
+    c = AdaptiveController(build_ladder(CURVE, [None] * 4), slo_s=0.1, clock=clock)  # bound: 0.5 x SLO = 50 ms
+    assert c.service_rate() is None and c.predicted_wait(1000) == 0.0  # nothing measured: the rule waits
+    c.observe_batch(32, 0.032)  # home: 1000 rows/s
+    clock.t += 0.05
+    assert c.tick(queued_rows=40).level == 0  # 40 ms predicted: inside the bound
+    assert c.predicted_wait(100, 1) == pytest.approx(0.08) and c.predicted_wait(100, 3) == pytest.approx(0.03)
+    clock.t += 0.05
+    # 100 queued rows = 100 ms at home; rung 1 (0.8 FLOPs) 80 ms, rung 2 55 ms, rung 3 30 ms -> straight to 3
+    assert c.tick(queued_rows=100).level == 3 and c.changes == {"down": 1, "up": 0}
+
+
+def test_predicted_step_waits_for_a_batch_at_the_new_rung_then_corrects_the_guess():
+    clock = Clock()
+    c = AdaptiveController(build_ladder(CURVE, [None] * 4), slo_s=0.1, clock=clock)
+    c.observe_batch(32, 0.032, level=0)
+    clock.t += 0.05
+    assert c.tick(queued_rows=60).level == 1  # 60 ms at home, 48 ms predicted at rung 1 (scaled by FLOPs)
+    clock.t += 0.05
+    assert c.tick(queued_rows=80).level == 1  # 64 ms, but still the same guess: no second move yet
+    c.observe_batch(32, 0.04, level=1)  # rung 1 measured slower than FLOPs predicted: 800 rows/s
+    clock.t += 0.05
+    # 100 ms at rung 1; rung 2 scaled from rung 1's measurement: 69 ms; rung 3: 37.5 ms
+    assert c.tick(queued_rows=80).level == 3 and c.changes["down"] == 2
+    for _ in range(40):  # latency and queue both calm, but the queue would be too long for rung 2: stays
+        clock.t += 0.1
+        c.observe_batch(32, 0.01, level=3)  # 3200 rows/s here, so ~1750 predicted at rung 2: 34 ms > 0.3 x SLO
+        c.tick(queued_rows=60)
+    assert c.current().level == 3 and c.changes["up"] == 0
+    for _ in range(25):  # queue gone: climbs back, one rung per hold
+        clock.t += 0.1
+        c.observe_batch(32, 0.01, level=c.current().level)
+        c.tick(queued_rows=0)
+    assert c.current().level == 2 and c.changes["up"] == 1
+
+
 class _SlowEngine:
     """The real cascade, slowed by 4 ms per row per stage it runs (so earlier exits really shed load)."""
 
