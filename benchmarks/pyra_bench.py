@@ -17,6 +17,11 @@
 All five digits runs share recipes/multiexit-digits.yaml's backbone, data and train blocks (checked); a run in
 ``--runs`` trained with another recipe (e.g. an older schedule) is moved aside to ``<name>.staleN`` and retrained.
 
+Seed study (``--seeds 1 2``; only this part runs): ToMe and PYRA at the low and high rate retrained with
+``train.seed=<seed>`` into ``<runs>/<name>-s<seed>`` (one at a time, missing runs only; seed 0 is the plain
+``<runs>/<name>`` run above, reused), final-exit test and val accuracy per seed evaluated as in part 1, mean and
+sample standard deviation, paired PYRA - ToMe per seed. Writes ``<out>/pyra_seeds.json``.
+
 Writes ``<out>/pyra_bench.json`` and ``<out>/pyra_bench.png`` (default ``benchmarks/results/pyra/``). With
 ``--skip-speed`` (``--skip-digits``) the throughput (digits) results of the previous JSON there are kept, and
 ``speed_from`` (``digits_from``) says which command produced them.
@@ -53,12 +58,21 @@ RUNS = {  # name -> (recipe, overrides)
 SHARED_BLOCKS = ("backbone", "data", "train")  # must be identical across the variants: only the method differs
 
 
-def variant_recipe(name: str) -> dict:
+def seed_sets(seed: int) -> list[str]:
+    """Extra overrides for a seed: none for seed 0 (the recipes' own seed, the plain runs), else train.seed."""
+    return [] if seed == 0 else [f"train.seed={seed}"]
+
+
+def run_name(name: str, seed: int = 0) -> str:
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
+def variant_recipe(name: str, seed: int = 0) -> dict:
     """The full recipe a variant trains with (recipe file + its overrides), as a plain mapping."""
     from deploykit.train.recipe import load_recipe
 
     recipe, sets = RUNS[name]
-    return load_recipe(ROOT / "recipes" / recipe, sets=sets).to_dict()
+    return load_recipe(ROOT / "recipes" / recipe, sets=sets + seed_sets(seed)).to_dict()
 
 
 def check_fair() -> None:
@@ -72,18 +86,21 @@ def check_fair() -> None:
                              "baseline's blocks so the variants differ only in the method block")
 
 
-def ensure_runs(runs_dir: Path) -> None:
+def ensure_runs(runs_dir: Path, names: list[str] | None = None, seed: int = 0) -> None:
     """Train missing runs; a run trained with another recipe (e.g. an older schedule) is moved aside and retrained."""
     from deploykit.train.checkpoint import read_config
     from deploykit.train.recipe import recipe_from_dict
 
     check_fair()
-    for name, (recipe, sets) in RUNS.items():
-        run = runs_dir / name
+    for name in names or list(RUNS):
+        recipe, sets = RUNS[name]
+        sets = sets + seed_sets(seed)
+        rname = run_name(name, seed)
+        run = runs_dir / rname
         if (run / "model.safetensors").is_file():
-            if recipe_from_dict(read_config(run)).to_dict() == variant_recipe(name):
+            if recipe_from_dict(read_config(run)).to_dict() == variant_recipe(name, seed):
                 continue
-            stale = next(p for i in range(1000) if not (p := runs_dir / f"{name}.stale{i}").exists())
+            stale = next(p for i in range(1000) if not (p := runs_dir / f"{rname}.stale{i}").exists())
             print(f"{run} was trained with another recipe; moving it to {stale} and retraining", flush=True)
             run.rename(stale)
         cmd = [sys.executable, "-m", "deploykit", "train", "-r", str(ROOT / "recipes" / recipe), "-o",
@@ -91,7 +108,7 @@ def ensure_runs(runs_dir: Path) -> None:
         print("training:", " ".join(cmd), flush=True)
         t0 = time.time()
         subprocess.run(cmd, check=True)
-        print(f"trained {name} in {time.time() - t0:.0f} s", flush=True)
+        print(f"trained {rname} in {time.time() - t0:.0f} s", flush=True)
 
 
 def split_arrays(split: str, pre: dict) -> tuple[torch.Tensor, np.ndarray]:
@@ -179,6 +196,57 @@ def digits_part(runs_dir: Path, tolerance: float, work: Path) -> dict:
     out["engine"] = engine_check(models[out["stacking"]["stacked_run"]][0], models["unmerged"][1], x_test, y_test,
                                  out["stacking"]["both"]["threshold"], work)
     return out
+
+
+SEED_VARIANTS = ("tome-low", "pyra-low", "tome-high", "pyra-high")
+
+
+def seeds_part(runs_dir: Path, seeds: list[int]) -> dict:
+    """Final-exit test/val accuracy of ToMe and PYRA at both rates over seeds (seed 0 = the plain runs)."""
+    from deploykit.train import load_run
+
+    seeds = sorted(set([0, *seeds]))
+    for seed in seeds:  # one at a time; only missing (or stale) runs train
+        ensure_runs(runs_dir, list(SEED_VARIANTS), seed)
+    pre = load_run(runs_dir / "tome-low")[1]["preprocessing"]
+    x_val, y_val = split_arrays("val", pre)
+    x_test, y_test = split_arrays("test", pre)
+    runs: dict = {name: {} for name in SEED_VARIANTS}
+    for name in SEED_VARIANTS:
+        for seed in seeds:
+            model, config = load_run(runs_dir / run_name(name, seed))
+            if config["preprocessing"] != pre:
+                raise SystemExit(f"{run_name(name, seed)} has other preprocessing than tome-low")
+            lv, lt = exit_logits(model, x_val), exit_logits(model, x_test)
+            runs[name][seed] = {
+                "run": str((runs_dir / run_name(name, seed)).relative_to(ROOT)) if runs_dir.is_relative_to(ROOT)
+                else str(runs_dir / run_name(name, seed)),
+                "train_seed": config["train"]["seed"], "schedule": config["method"].get("schedule"),
+                "test_acc": float((lt[-1].argmax(1) == y_test).mean()),
+                "test_correct": int((lt[-1].argmax(1) == y_test).sum()),
+                "val_acc": float((lv[-1].argmax(1) == y_val).mean()),
+            }
+            print(f"{name:10s} seed {seed}: test {runs[name][seed]['test_acc']:.4f} "
+                  f"val {runs[name][seed]['val_acc']:.4f}", flush=True)
+
+    def stats(v: list[float]) -> dict:
+        return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None}
+
+    summary = {}
+    for rate in ("low", "high"):
+        t, p = runs[f"tome-{rate}"], runs[f"pyra-{rate}"]
+        row: dict = {}
+        for split in ("test", "val"):
+            k = f"{split}_acc"
+            diff = [p[s][k] - t[s][k] for s in seeds]
+            row[split] = {"tome": stats([t[s][k] for s in seeds]), "pyra": stats([p[s][k] for s in seeds]),
+                          "pyra_minus_tome_per_seed": dict(zip(seeds, diff)), "pyra_minus_tome": stats(diff)}
+        row["test"]["pyra_minus_tome_images_per_seed"] = {s: p[s]["test_correct"] - t[s]["test_correct"]
+                                                          for s in seeds}
+        row["pyra_ge_tome_mean_test"] = row["test"]["pyra"]["mean"] >= row["test"]["tome"]["mean"]
+        summary[rate] = row
+    return {"seeds": seeds, "n_test": len(y_test), "n_val": len(y_val), "std": "sample standard deviation (n-1)",
+            "runs": runs, "summary": summary}
 
 
 def stacking(r: dict, tolerance: float) -> dict:
@@ -347,6 +415,9 @@ def main() -> None:
     ap.add_argument("--with-tome-speed", action="store_true", help="also time ToMe graphs (PYRA's minus ~1%% ops)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="seed study only: ToMe/PYRA low/high also with these train seeds (seed 0 = the plain runs); "
+                         "writes <out>/pyra_seeds.json and nothing else")
     args = ap.parse_args()
 
     from deploykit.runtime.bench import cpu_model
@@ -357,6 +428,11 @@ def main() -> None:
                                                      if Path(sys.argv[0]).is_absolute() else sys.argv[0],
                                                      *sys.argv[1:]]),
                     "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__}
+    if args.seeds is not None:
+        report["digits_seeds"] = seeds_part(args.runs, args.seeds)
+        (args.out / "pyra_seeds.json").write_text(json.dumps(report, indent=1))
+        print("wrote", args.out / "pyra_seeds.json")
+        return
     prev_path = args.out / "pyra_bench.json"
     prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
