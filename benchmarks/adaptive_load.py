@@ -16,15 +16,16 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
-from _server import start_serve_local
-from serve_load import Conn, cpu_model, summarize
+from _server import free_port, start_serve_local
+from serve_load import Conn, summarize
+
+from deploykit.runtime.bench import cpu_model
 
 
 def payloads(x: np.ndarray, rows: int) -> tuple[list[bytes], list[np.ndarray], dict[str, str]]:
@@ -158,12 +159,6 @@ def start(engine_dir: str, port: int, args: argparse.Namespace, slo: float | Non
 def stop(proc: subprocess.Popen) -> int:
     proc.terminate()
     return proc.wait(timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

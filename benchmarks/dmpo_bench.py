@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from deploykit.runtime.bench import cpu_model
 
 BUDGETS = (0.3, 0.4, 0.6)
 BASELINE_RECIPE, DMPO_RECIPE = "recipes/multiexit-digits.yaml", "recipes/dmpo-digits.yaml"
@@ -55,17 +56,6 @@ def check_fair(baseline: str = BASELINE_RECIPE, dmpo: str = DMPO_RECIPE) -> None
     if diff:
         raise SystemExit(f"{dmpo} and {baseline} differ in {diff}: copy the baseline's blocks so the two compare "
                          f"fairly (same backbone, data and schedule)")
-
-
-def cpu_model() -> str:
-    """The CPU model name as ``lscpu`` shows it (``platform.processor()`` is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def train_and_export(name: str, recipe: str, overrides: dict[str, Any], work: Path, skip_train: bool) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,12 @@ import numpy as np
 from deploykit.export import export_model, export_run
 from deploykit.export.quantize import quantize
 from deploykit.manifest import Manifest
-from deploykit.runtime.bench import bench, cpu_model
+from deploykit.runtime.bench import bench, cpu_model, loadavg
 from deploykit.runtime.calibrate import calibrate
 from deploykit.runtime.cascade import Cascade
 
 MODES = ("dynamic", "static")
 FRACTIONS = [0.4, 0.3, 0.2, 0.1]
-
-
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def _engines(fp32: Path, out: Path, calib_samples: int, calib_data: str = "digits") -> dict[str, Path]:
@@ -136,12 +131,12 @@ def vit_part(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                      name="vit_small_patch16_224")
     # untrained weights: calibrate on real images (digits, resized to 224 by the manifest's preprocessing)
     dirs = _engines(fp32, out, args.vit_calib_samples)
-    res: dict[str, Any] = {"loadavg_before": _load()}
+    res: dict[str, Any] = {"loadavg_before": loadavg()}
     for mode in MODES:
         r = bench(dirs[mode], batch_sizes=[1, 32], exit_fractions=FRACTIONS, torch_model=model,
                   samples=args.vit_samples, repeats=args.repeats, warmup=1, compare=fp32, progress=True)
         res[mode] = _speed(r)
-        res[f"{mode}_loadavg_after"] = _load()
+        res[f"{mode}_loadavg_after"] = loadavg()
     return res
 
 
@@ -204,7 +199,7 @@ def main() -> None:
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
              if v not in (None, False)]
     report: dict[str, Any] = {"command": "python benchmarks/int8_bench.py " + " ".join(flags),
-        "cpu": cpu_model(), "loadavg_start": _load(), "started": time.time()}
+        "cpu": cpu_model(), "loadavg_start": loadavg(), "started": time.time()}
     path = out / "int8_bench.json"
     if path.exists():  # keep the other part's figures when re-running one part
         old = json.loads(path.read_text())
@@ -214,7 +209,7 @@ def main() -> None:
         path.write_text(json.dumps(report, indent=2) + "\n")
     if not args.skip_vit:
         report["vit"] = vit_part(args, out / "vit")
-    report["loadavg_end"] = _load()
+    report["loadavg_end"] = loadavg()
     path.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / "int8_bench.png")
     print(json.dumps({k: report[k] for k in ("digits", "vit") if k in report}, indent=2))

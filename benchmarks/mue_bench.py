@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from deploykit.data.vl import synthetic_vl
 from deploykit.methods.mue.metrics import corpus_bleu
 from deploykit.methods.mue.reference import Thresholds
+from deploykit.runtime.bench import cpu_model
 from deploykit.runtime.generation import MuEEngine, summarize
 from deploykit.runtime.mue_calibrate import calibrate_mue
 
@@ -143,14 +143,6 @@ def plot(report: dict, sweeps: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -112,26 +112,17 @@ def ensure_runs(runs_dir: Path, names: list[str] | None = None, seed: int = 0) -
 
 
 def split_arrays(split: str, pre: dict) -> tuple[torch.Tensor, np.ndarray]:
-    from deploykit.data import create_dataset
+    from deploykit.data import stack_split
 
-    ds = create_dataset("digits", split, pre)
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
-    return torch.stack(xs), np.asarray(ys)
+    x, y = stack_split("digits", split, pre)
+    return torch.from_numpy(x), y
 
 
 def stage_flops(model) -> tuple[list[int], list[int], int]:
     """Trunk and exit-head FLOPs per stage and the monolithic FLOPs, batch 1, as the exporter counts them."""
-    from deploykit.export.graphs import ExitHeadGraph, FullGraph, TrunkGraph, count_flops
+    from deploykit.export.graphs import stage_flops as exporter_stage_flops
 
-    h, w = model.backbone.patch_embed.img_size
-    x = torch.zeros(1, 3, h, w)
-    trunk, head, state = [], [], (x,)
-    for k in range(model.num_stages):
-        trunk.append(count_flops(TrunkGraph(model, k), *state))
-        with torch.no_grad():
-            state = model.forward_stage(k, *state)
-        head.append(count_flops(ExitHeadGraph(model, k), *state))
-    return trunk, head, count_flops(FullGraph(model), x)
+    return exporter_stage_flops(model, [3, *model.backbone.patch_embed.img_size])
 
 
 def exit_logits(model, x: torch.Tensor) -> list[np.ndarray]:
@@ -142,17 +133,14 @@ def exit_logits(model, x: torch.Tensor) -> list[np.ndarray]:
 def cascade_point(logits: list[np.ndarray], y: np.ndarray, thr: float | None, trunk: list[int],
                   head: list[int]) -> dict:
     """Accuracy and expected FLOPs when every early exit fires at max-softmax >= thr (None: no early exit)."""
-    n, k_last = len(y), len(logits) - 1
-    stage = np.full(n, k_last)
-    if thr is not None:
-        for k in range(k_last - 1, -1, -1):
-            p = np.exp(logits[k] - logits[k].max(1, keepdims=True))
-            stage[(p / p.sum(1, keepdims=True)).max(1) >= thr] = k
-    pred = np.stack([lg.argmax(1) for lg in logits])[stage, np.arange(n)]
-    cum = np.cumsum([c + h for c, h in zip(trunk, head)])
-    q = np.bincount(stage, minlength=len(logits)) / n
-    return {"threshold": thr, "acc": float((pred == y).mean()), "flops": float((q * cum).sum()),
-            "exit_fractions": q.round(4).tolist()}
+    from deploykit.runtime.cascade import softmax
+    from deploykit.runtime.thresholds import simulate
+
+    scores = np.stack([softmax(lg).max(1) for lg in logits])
+    correct = np.stack([lg.argmax(1) == y for lg in logits])
+    cum = np.cumsum([c + h for c, h in zip(trunk, head)], dtype=np.float64)
+    acc, flops, q = simulate(scores, correct, cum, 1.0, [thr] * (len(logits) - 1))
+    return {"threshold": thr, "acc": acc, "flops": flops, "exit_fractions": q.round(4).tolist()}
 
 
 THRESHOLDS = [None] + [round(float(t), 4) for t in np.concatenate([np.linspace(0.5, 0.95, 10),

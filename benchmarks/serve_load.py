@@ -16,14 +16,14 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
-from _server import start_serve_local
+from _server import free_port, start_serve_local
+
+from deploykit.runtime.bench import cpu_model
 
 
 # ---- a minimal keep-alive HTTP/1.1 client (low overhead: it shares the CPU with the server) ---------------------
@@ -226,16 +226,6 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     return start_serve_local(args.engine_dir, port, opts)
 
 
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -283,9 +273,7 @@ def main() -> None:
             raise SystemExit("loopback only: --url must be http://127.0.0.1:PORT")
         url = args.url.rstrip("/")
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         proc = start_server(args, port)
         url = f"http://127.0.0.1:{port}"
     host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])

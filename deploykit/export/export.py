@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from deploykit.errors import ExportError
-from deploykit.export.graphs import ExitHeadGraph, FullGraph, StageGraph, TrunkGraph, count_flops
+from deploykit.export.graphs import FullGraph, StageGraph, stage_flops
 from deploykit.export.onnx_io import DEFAULT_OPSET, export_graph
 from deploykit.export.staging import staged_dir
 from deploykit.manifest import (
@@ -90,19 +90,15 @@ def _write_graphs(model: ExitModel, root: Path, labels: list[str], pre: Preproce
     c, h, w = pre.input_size
     torch.manual_seed(0)
     example = torch.randn(2, c, h, w)
-    one = example[:1]
+    trunk_flops, head_flops, full_flops = stage_flops(model, pre.input_size)
     stages: list[StageSpec] = []
     state: tuple[torch.Tensor, ...] = (example,)
-    state1: tuple[torch.Tensor, ...] = (one,)
     in_names = ["image"]
     for k in range(model.num_stages):
         last = k == model.num_stages - 1
         graph = StageGraph(model, k, score)
         with torch.no_grad():
             outs = graph(*state)
-            trunk_flops = count_flops(TrunkGraph(model, k), *state1)
-            next1 = model.forward_stage(k, *state1)
-            head_flops = count_flops(ExitHeadGraph(model, k), *next1)
         state_out = outs[:-2]
         # a graph can't use one name for an input and an output, so state names carry the stage that made them
         out_names = [] if last else [f"{n}_{k}" for n in model.state_names]
@@ -114,14 +110,13 @@ def _write_graphs(model: ExitModel, root: Path, labels: list[str], pre: Preproce
             index=k, file=file,
             inputs=[_spec(n, t) for n, t in zip(in_names, state)],
             outputs=[_spec(n, t) for n, t in zip(out_names, state_out)],
-            flops=trunk_flops, exit_flops=head_flops, blocks=list(model.stage_block_range(k)),
+            flops=trunk_flops[k], exit_flops=head_flops[k], blocks=list(model.stage_block_range(k)),
             sha256=file_sha256(root / file),
         ))
-        state, state1, in_names = tuple(state_out), next1, out_names
+        state, in_names = tuple(state_out), out_names
     full = FullGraph(model)
     with torch.no_grad():
         full_logits = full(example)
-        full_flops = count_flops(full, one)
     export_graph(full, (example,), root / "full.onnx", ["image"], ["logits"], opset)
     monolithic = StageSpec(index=0, file="full.onnx", inputs=[_spec("image", example)],
                            outputs=[_spec("logits", full_logits)], exit_logits="logits", exit_score="",

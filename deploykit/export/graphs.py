@@ -68,3 +68,15 @@ def count_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*inputs)
     return int(counter.get_total_flops())
+
+
+def stage_flops(model: ExitModel, input_size: list[int] | tuple[int, ...]) -> tuple[list[int], list[int], int]:
+    """Per-stage trunk FLOPs, per-stage exit-head FLOPs and the monolithic model's FLOPs, at batch 1."""
+    x = torch.zeros(1, *input_size)
+    trunk, head, state = [], [], (x,)
+    for k in range(model.num_stages):
+        trunk.append(count_flops(TrunkGraph(model, k), *state))
+        with torch.no_grad():
+            state = model.forward_stage(k, *state)
+        head.append(count_flops(ExitHeadGraph(model, k), *state))
+    return trunk, head, count_flops(FullGraph(model), x)

@@ -350,19 +350,18 @@ class _Linter:
                          "fold constants after export (e.g. `polygraphy surgeon sanitize --fold-constants`)")
 
     # ---- per-op restrictions ------------------------------------------------------------------------------------
-    def check_ScatterND(self, node: onnx.NodeProto) -> None:  # noqa: N802
+    def check_scatter_reduction(self, node: onnx.NodeProto, why: str) -> None:
         red = _attr(node, "reduction", b"none")
         if red not in (b"none", "none"):
             self.add(node, "scatter-reduction", "error",
-                     f"ScatterND with reduction={_s(red)!r} is not supported by TensorRT; write the many-to-one sum as "
-                     "a one-hot assignment matrix times the values (MatMul)")
+                     f"{node.op_type} with reduction={_s(red)!r} {why}; write the many-to-one sum as a one-hot "
+                     "assignment matrix times the values (MatMul)")
+
+    def check_ScatterND(self, node: onnx.NodeProto) -> None:  # noqa: N802
+        self.check_scatter_reduction(node, "is not supported by TensorRT")
 
     def check_ScatterElements(self, node: onnx.NodeProto) -> None:  # noqa: N802
-        red = _attr(node, "reduction", b"none")
-        if red not in (b"none", "none"):
-            self.add(node, "scatter-reduction", "error",
-                     f"ScatterElements with reduction={_s(red)!r} runs through a plugin in TensorRT 10 and gave wrong "
-                     "results in 8.x; write the merge as a one-hot assignment matrix times the values (MatMul)")
+        self.check_scatter_reduction(node, "runs through a plugin in TensorRT 10 and gave wrong results in 8.x")
 
     def check_TopK(self, node: onnx.NodeProto) -> None:  # noqa: N802
         if _attr(node, "sorted", 1) == 0:

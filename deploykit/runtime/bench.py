@@ -201,7 +201,7 @@ def bench(
         "threads": threads, "stages": m.num_stages, "input_shape": m.input_spec.shape,
         "thresholds": thr, "thresholds_from": thr_source, "requested_exit_fractions": exit_fractions,
         "inputs": f"{data} test split" if data else "seeded random normal", "samples_per_pass": n_pool,
-        "warmup": warmup, "repeats": repeats, "cpu": cpu_model(), "loadavg_start": _loadavg(),
+        "warmup": warmup, "repeats": repeats, "cpu": cpu_model(), "loadavg_start": loadavg(),
         "versions": m.provenance.get("onnxruntime"), "runs": runs,
     }
     if cmp is not None:
@@ -297,7 +297,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages, recorded in every benchmark report (shared cores skew timings)."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
