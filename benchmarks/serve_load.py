@@ -160,7 +160,11 @@ def summarize(lat: list[float], codes: dict[int, int], sent: int, wall: float) -
                            for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}}
 
 
-def offline(engine_dir: str, batch: int, threads: int | None, seconds: float) -> dict:
+def offline(engine_dir: str, batch: int, threads: int | None, seconds: float, instances: int = 1) -> dict:
+    """The cascade in-process on full batches: ``instances`` threads at once (as the server runs them), each with
+    ``threads`` intra-op threads; rows/s counts all of them, ``batch_s_median`` is one batch's time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from deploykit.runtime.cascade import Cascade
 
     with Cascade.from_dir(engine_dir, threads=threads) as c:
@@ -168,15 +172,25 @@ def offline(engine_dir: str, batch: int, threads: int | None, seconds: float) ->
         x = np.random.default_rng(0).standard_normal([batch, *shape]).astype(np.float32)
         for _ in range(3):
             c.run(x)
-        times = []
-        t_end = time.perf_counter() + seconds
-        while time.perf_counter() < t_end or len(times) < 5:
-            t0 = time.perf_counter()
-            c.run(x)
-            times.append(time.perf_counter() - t0)
+
+        def worker(_: int) -> list[float]:
+            times: list[float] = []
+            t_end = time.perf_counter() + seconds
+            while time.perf_counter() < t_end or len(times) < 5:
+                t0 = time.perf_counter()
+                c.run(x)
+                times.append(time.perf_counter() - t0)
+            return times
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(instances) as ex:
+            per = list(ex.map(worker, range(instances)))
+        wall = time.perf_counter() - t0
+        times = [t for ts in per for t in ts]
         med = float(np.median(times))
-        return {"batch": batch, "runs": len(times), "batch_s_median": med, "rows_per_s": batch / med,
-                "input_shape": shape, "model": c.manifest.name}
+        return {"batch": batch, "instances": instances, "threads": threads, "runs": len(times),
+                "batch_s_median": med, "rows_per_s": batch * len(times) / wall, "input_shape": shape,
+                "model": c.manifest.name}
 
 
 def batch_hist(url: str) -> dict[str, float]:
@@ -223,6 +237,8 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
             "--max-queue", str(args.max_queue)]
     if args.threads:
         opts += ["--threads", str(args.threads)]
+    if args.instances > 1:
+        opts += ["--instances", str(args.instances)]
     return start_serve_local(args.engine_dir, port, opts)
 
 
@@ -258,6 +274,10 @@ def main() -> None:
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--instances", type=int, default=1,
+                   help="server --instances; offline is then measured both as the server runs (instances x threads) "
+                        "and one batch at a time on instances*threads intra-op threads, and the targets use the "
+                        "higher offline throughput and the shorter batch time (the stricter reading)")
     p.add_argument("--warmup", type=float, default=3.0, help="closed loop: seconds left out of steady-state p99")
     p.add_argument("--overload-factor", type=float, default=4.0)
     p.add_argument("--overload-duration", type=float, default=6.0)
@@ -266,7 +286,9 @@ def main() -> None:
     args = p.parse_args()
 
     load_start = os.getloadavg()
-    off = offline(args.engine_dir, args.max_batch_size, args.threads, args.offline_seconds)
+    off = offline(args.engine_dir, args.max_batch_size, args.threads, args.offline_seconds, args.instances)
+    alt = (offline(args.engine_dir, args.max_batch_size, args.instances * (args.threads or 1), args.offline_seconds)
+           if args.instances > 1 else None)
     proc = None
     if args.url:
         if not args.url.startswith(("http://127.0.0.1", "http://localhost")):
@@ -289,7 +311,7 @@ def main() -> None:
         n_batches = h1.get("_count", 0) - h0.get("_count", 0)
         busy = h1.get("_sum", 0) - h0.get("_sum", 0)
         closed["served_batch_s_mean"] = busy / n_batches if n_batches else None
-        closed["inference_thread_busy_fraction"] = round(busy / closed["wall_s"], 3)
+        closed["inference_thread_busy_fraction"] = round(busy / closed["wall_s"] / args.instances, 3)
         rate = args.overload_factor * closed["ok_per_s"]
         over = asyncio.run(open_loop(host, port, path, bodies, headers, rate, args.overload_duration,
                                      args.max_requests, proc.pid if proc else None))
@@ -299,18 +321,22 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             rc = proc.wait(timeout=60)
-    off_after = offline(args.engine_dir, args.max_batch_size, args.threads, args.offline_seconds)
-    bound_ms = 2 * (args.max_queue_delay_ms + 1000 * off["batch_s_median"])
+    off_after = offline(args.engine_dir, args.max_batch_size, args.threads, args.offline_seconds, args.instances)
+    offline_rate = max(off["rows_per_s"], alt["rows_per_s"] if alt else 0.0)
+    batch_s = min(off["batch_s_median"], alt["batch_s_median"] if alt else float("inf"))
+    bound_ms = 2 * (args.max_queue_delay_ms + 1000 * batch_s)
     served_bound_ms = 2 * (args.max_queue_delay_ms + 1000 * (closed["served_batch_s_mean"] or 0))
     report = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "note": "2 cores shared with other developers' jobs; figures are noisy",
-        "config": vars(args), "offline": off, "offline_after": off_after, "closed_loop": closed, "overload": over,
+        "config": vars(args), "offline": off, "offline_one_batch_all_threads": alt,
+        "offline_after": off_after, "closed_loop": closed, "overload": over,
         "recovery": recovery,
         "server_exit_code": rc if proc is not None else None,
         "targets": {
-            "served_over_offline": round(closed["ok_per_s"] / off["rows_per_s"], 3),
-            "throughput_ok": closed["ok_per_s"] >= 0.8 * off["rows_per_s"],
+            "offline_rows_per_s_used": round(offline_rate, 2), "full_batch_s_used": round(batch_s, 4),
+            "served_over_offline": round(closed["ok_per_s"] / offline_rate, 3),
+            "throughput_ok": closed["ok_per_s"] >= 0.8 * offline_rate,
             "p99_ms": closed["latency_ms"]["p99"], "p99_bound_ms": round(bound_ms, 2),
             "p99_ok": (closed["latency_ms"]["p99"] or 1e9) <= bound_ms,
             "served_over_offline_after": round(closed["ok_per_s"] / off_after["rows_per_s"], 3),

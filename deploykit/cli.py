@@ -251,18 +251,20 @@ def info(engine_dir: str) -> None:
 @click.option("--max-queue", default=256, show_default=True, type=int, help="Waiting requests before 503.")
 @click.option("--max-request-mb", default=16.0, show_default=True, type=float, help="Request body limit (413).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads for the backend (default: its own).")
+@click.option("--instances", default=1, show_default=True, type=int,
+              help="Batches run at once, one inference thread each (ort-cpu only); e.g. 2 x --threads 1 on 2 cores.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits: move to earlier exits (calibrated curve) when latency nears this p99 target.")
 @_friendly_errors
 def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
                     max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None,
-                    latency_slo_ms: float | None) -> None:
+                    instances: int, latency_slo_ms: float | None) -> None:
     """Serve ENGINE_DIR over HTTP (KServe v2 protocol) with dynamic batching, /metrics and a page at /."""
     from deploykit.serve import serve_local
 
     serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, max_request_mb=max_request_mb,
-                threads=threads, latency_slo_ms=latency_slo_ms)
+                threads=threads, instances=instances, latency_slo_ms=latency_slo_ms)
 
 
 # ---- GPU deployment: TensorRT lint and engine build (issue 6) ---------------------------------------------------

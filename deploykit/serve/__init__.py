@@ -16,11 +16,13 @@ from deploykit.errors import ConfigError
 def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort-cpu",
                 max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue: int = 256,
                 max_request_mb: float = 16.0, threads: int | None = None, log_level: str = "info",
-                latency_slo_ms: float | None = None) -> None:
+                latency_slo_ms: float | None = None, instances: int = 1) -> None:
     """Load ``engine_dir`` and serve it until SIGINT / SIGTERM, then drain what is in flight and return.
 
     Binds 127.0.0.1 unless ``host`` says otherwise: putting a model on the network is the caller's explicit choice.
     ``latency_slo_ms`` turns on load-adaptive exits (see :mod:`deploykit.serve.adaptive`); off by default.
+    ``instances`` > 1 runs that many batches at once on one set of ORT CPU sessions (``Run`` is thread-safe there;
+    device backends keep per-run buffers, so they serve one batch at a time per process).
     """
     try:
         import uvicorn
@@ -36,10 +38,15 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
                           f"{max_request_mb}")
     if latency_slo_ms is not None and latency_slo_ms <= 0:
         raise ConfigError(f"expected --latency-slo-ms > 0, got {latency_slo_ms}")
+    if instances < 1:
+        raise ConfigError(f"expected --instances >= 1, got {instances}")
+    if instances > 1 and backend != "ort-cpu":
+        raise ConfigError(f"--instances {instances} needs the ort-cpu backend (its sessions are thread-safe); the "
+                          f"{backend} runner keeps per-run device buffers, so run one server per device instead")
     cascade = Cascade.from_dir(engine_dir, backend=backend, threads=threads)
     try:
         app = create_app(cascade, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb,
-                                                latency_slo_ms=latency_slo_ms))
+                                                latency_slo_ms=latency_slo_ms, instances=instances))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=60, loop="auto", http="auto")
         logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d", cascade.manifest.name, host, port)

@@ -113,16 +113,18 @@ class AdaptiveController:
         down_dwell_s: least time between two down-steps on the latency signal (lets the queue react); a down-step
             on the predicted wait only waits for one batch measured at the new rung.
         up_hold_s: how long the up-condition must hold before a step up.
+        instances: batches the server runs at once; the service rate is per instance, so waits divide by it.
         clock: time source (tests).
     """
 
     def __init__(self, ladder: list[OperatingPoint], slo_s: float, high: float = 0.5, low: float = 0.3,
-                 window_s: float = 1.0, down_dwell_s: float = 0.3, up_hold_s: float = 2.0,
+                 window_s: float = 1.0, down_dwell_s: float = 0.3, up_hold_s: float = 2.0, instances: int = 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if slo_s <= 0 or not 0 < low < high <= 1:
             raise ConfigError(f"expected slo > 0 and 0 < low < high <= 1, got slo={slo_s}, low={low}, high={high}")
         self.ladder, self.slo_s, self.high, self.low = ladder, slo_s, high, low
         self.window_s, self.down_dwell_s, self.up_hold_s = window_s, down_dwell_s, up_hold_s
+        self.instances = max(1, int(instances))
         self._clock = clock
         self._lock = threading.Lock()
         self._level = 0
@@ -183,7 +185,7 @@ class AdaptiveController:
     def predicted_wait(self, queued_rows: int, level: int | None = None) -> float:
         """Seconds a request arriving now would wait at rung ``level``: queued rows / service rate (0 if unknown)."""
         rate = self.service_rate(level)
-        return queued_rows / rate if rate and queued_rows > 0 else 0.0
+        return queued_rows / (rate * self.instances) if rate and queued_rows > 0 else 0.0
 
     def _target(self, queued_rows: int, level: int) -> int:
         """First rung cheaper than ``level`` whose predicted wait is at most ``high * SLO`` (else the cheapest)."""

@@ -42,6 +42,7 @@ class ServeConfig:
     retry_after_s: int = 1
     latency_slo_ms: float | None = None  # load-adaptive exits (deploykit/serve/adaptive.py); None = off
     adaptive_tick_s: float = 0.05
+    instances: int = 1  # batches run at once, one inference thread each (the cascade must be thread-safe)
 
 
 class _HTTPError(Exception):
@@ -59,7 +60,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
     max_bytes = int(config.max_request_mb * 1024 * 1024)
     pre = manifest.preprocessing
 
-    adaptive = (AdaptiveController.from_manifest(manifest, config.latency_slo_ms)
+    adaptive = (AdaptiveController.from_manifest(manifest, config.latency_slo_ms, instances=config.instances)
                 if config.latency_slo_ms is not None else None)
     if adaptive is not None:
         adaptive.listeners.append(lambda p: metrics.observe_operating_point(p))
@@ -82,7 +83,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
             adaptive.observe_batch(stats.rows, stats.seconds, int(stats.result["operating_point"][0]))
 
     batcher = Batcher(run_batch, config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.max_queue,
-                      on_batch=on_batch)
+                      on_batch=on_batch, instances=config.instances)
 
     def decode_image(data: bytes) -> np.ndarray:
         return preprocess_image(load_image(data), pre)

@@ -9,8 +9,9 @@ Policy (documented in docs/serve.md):
 - Requests with different exit thresholds are never mixed: a batch takes the oldest request's thresholds and the
   waiting requests that share them; the others stay queued, in order, for the next batch.
 - ``max_queue`` bounds the number of waiting requests; beyond it :class:`QueueFull` (HTTP 503).
-- Inference runs on one dedicated thread, off the event loop. An exception there fails every request in that
-  batch and nothing else.
+- Inference runs off the event loop on ``instances`` dedicated threads (Triton's ``instance_group`` count): with
+  more than one, several batches run at once, each on its own thread; the run function must be thread-safe (ONNX
+  Runtime CPU sessions are). An exception there fails every request in that batch and nothing else.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class BatchStats:
 
 
 class Batcher:
-    """Queue + one worker task that forms batches and runs them on a single inference thread.
+    """Queue + worker tasks that form batches and run them on ``instances`` inference threads.
 
     Args:
         run_fn: ``(rows float32 [B,C,H,W], thresholds or None) -> dict`` of per-row arrays (``probs``,
@@ -70,12 +71,14 @@ class Batcher:
         max_queue_delay_s: how long the oldest request may wait for a batch to fill.
         max_queue: waiting requests beyond which :meth:`submit` raises :class:`QueueFull`.
         on_batch: called on the event loop after each run (metrics).
+        instances: batches that may run at once (one inference thread each).
     """
 
     def __init__(self, run_fn: RunFn, max_batch_size: int = 32, max_queue_delay_s: float = 0.005,
-                 max_queue: int = 256, on_batch: Callable[[BatchStats], None] | None = None) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1 and max_queue_delay_s >= 0")
+                 max_queue: int = 256, on_batch: Callable[[BatchStats], None] | None = None,
+                 instances: int = 1) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_s < 0 or instances < 1:
+            raise ValueError("max_batch_size, max_queue and instances must be >= 1 and max_queue_delay_s >= 0")
         self.run_fn = run_fn
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -84,27 +87,30 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._rows: dict[Thresholds, int] = {}  # rows waiting per thresholds key
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deploykit-infer")
-        self._task: asyncio.Task | None = None
+        self.instances = instances
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="deploykit-infer")
+        self._tasks: list[asyncio.Task] = []
         self._closing = False
-        self._busy = False
+        self._running = 0  # batches on the inference threads now
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the worker task on the running event loop."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._worker(), name="deploykit-batcher")
+        """Start one worker task per instance on the running event loop."""
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._worker(), name=f"deploykit-batcher-{i}")
+                           for i in range(self.instances)]
 
     async def drain_and_stop(self) -> None:
         """Refuse new requests, finish every queued and running one, then stop the worker and the thread."""
         self._closing = True
-        while self._queue or self._busy:
+        while self._queue or self._running:
             self._wakeup.set()
             await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
@@ -177,7 +183,7 @@ class Batcher:
                 continue
             x = parts[0][0].rows[parts[0][1]:parts[0][2]] if len(parts) == 1 else np.concatenate(
                 [p.rows[a:b] for p, a, b in parts])
-            self._busy = True
+            self._running += 1
             t0 = time.perf_counter()
             error: BaseException | None = None
             result = None
@@ -186,7 +192,7 @@ class Batcher:
             except Exception as e:  # an engine fault fails this batch only
                 error = e
             finally:
-                self._busy = False
+                self._running -= 1
             seconds = time.perf_counter() - t0
             self._deliver(parts, result, error)
             if self.on_batch is not None:

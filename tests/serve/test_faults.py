@@ -94,3 +94,48 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class _Concurrency:
+    """The real cascade, slowed down, counting how many batches run at the same moment."""
+
+    def __init__(self, cascade: Any, delay_s: float) -> None:
+        import threading
+
+        self.cascade, self.manifest, self.delay_s = cascade, cascade.manifest, delay_s
+        self.lock, self.now, self.peak = threading.Lock(), 0, 0
+
+    def run(self, x: np.ndarray, thresholds: Any = None) -> Any:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            time.sleep(self.delay_s)
+            return self.cascade.run(x, thresholds)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_instances_run_batches_at_once_and_each_request_gets_its_rows(cascade):
+    engine = _Concurrency(cascade, delay_s=0.2)
+    app = create_app(engine, ServeConfig(max_batch_size=2, max_queue_delay_ms=1, instances=2))
+    with ThreadServer(app) as s:
+        url = s.url + "/v2/models/tiny/infer"
+        xs = [rows(1, seed=i) for i in range(8)]
+        with ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(lambda x: http(url, fp32_request(x)), xs))
+    assert engine.peak == 2  # two inference threads, never more
+    for x, (code, _, body) in zip(xs, results):
+        assert code == 200
+        np.testing.assert_allclose(outputs(body)["probabilities"], cascade.run(x).probs, atol=1e-6)
+
+
+def test_instances_need_a_thread_safe_backend(engine_dir):
+    import pytest
+
+    from deploykit.errors import ConfigError
+    from deploykit.serve import serve_local
+
+    with pytest.raises(ConfigError, match="ort-cpu"):
+        serve_local(engine_dir, backend="ort-cuda", instances=2)
