@@ -342,10 +342,12 @@ def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: i
               help="How long a stage waits for its batch to fill (@serve.batch batch_wait_timeout_s).")
 @click.option("--threads", default=1, show_default=True, type=int, help="ONNX Runtime threads per stage replica.")
 @click.option("--replica-cpus", default=0.25, show_default=True, type=float, help="Ray CPUs reserved per replica.")
+@click.option("--latency-slo-ms", default=None, type=float,
+              help="Load-adaptive exits in the ingress (as serve-local): earlier exits when latency nears this p99.")
 @_friendly_errors
 def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas: str | None,
                   total_replicas: int | None, autoscale: bool, max_batch_size: int, max_queue_delay_ms: float,
-                  threads: int, replica_cpus: float) -> None:
+                  threads: int, replica_cpus: float, latency_slo_ms: float | None) -> None:
     """Serve ENGINE_DIR on Ray Serve: one deployment per stage, KServe v2 HTTP API as serve-local."""
     from deploykit.errors import ConfigError
     from deploykit.serve import serve_ray
@@ -356,4 +358,4 @@ def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas:
         raise ConfigError(f"--replicas must be comma-separated integers like 2,1,1,1, got {replicas!r}") from e
     serve_ray(engine_dir, address=address, host=host, port=port, replicas=counts, total_replicas=total_replicas,
               autoscale=autoscale, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-              threads=threads, replica_cpus=replica_cpus)
+              threads=threads, replica_cpus=replica_cpus, latency_slo_ms=latency_slo_ms)

@@ -88,7 +88,8 @@ def _Server(config: Any) -> Any:  # noqa: N802  (reads as a class at the call si
 def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str = "127.0.0.1", port: int = 8000,
               replicas: list[int] | None = None, total_replicas: int | None = None, autoscale: bool = False,
               max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_request_mb: float = 16.0,
-              threads: int = 1, replica_cpus: float = 0.25, num_cpus: float = 2) -> None:
+              threads: int = 1, replica_cpus: float = 0.25, num_cpus: float = 2,
+              latency_slo_ms: float | None = None) -> None:
     """Deploy ``engine_dir`` on Ray Serve (one deployment per stage) and serve until SIGINT / SIGTERM.
 
     ``address="local"`` starts a Ray cluster on 127.0.0.1 for this process and stops it at the end; ``auto`` (or
@@ -104,7 +105,8 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
 
     config = RayConfig(replicas=replicas, total_replicas=total_replicas, autoscale=autoscale,
                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                       max_request_mb=max_request_mb, threads=threads, replica_cpus=replica_cpus)
+                       max_request_mb=max_request_mb, threads=threads, replica_cpus=replica_cpus,
+                       latency_slo_ms=latency_slo_ms)
     connect(address, num_cpus)
     stop = threading.Event()
     try:

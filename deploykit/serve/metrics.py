@@ -89,7 +89,11 @@ class ServeMetrics:
             return
         for k, n in enumerate(s.result.get("stage_batch_sizes") or []):
             self.stage_batch_size.labels(self.model, str(k)).observe(n)
-        counts = np.bincount(np.asarray(s.result["exit_stage"], dtype=np.int64), minlength=self.num_stages)
+        self.observe_exits(s.result["exit_stage"])
+
+    def observe_exits(self, exit_stage: np.ndarray) -> None:
+        """Count where rows left the cascade (serve-ray's ingress calls this directly: it has no batcher)."""
+        counts = np.bincount(np.asarray(exit_stage, dtype=np.int64), minlength=self.num_stages)
         for k, n in enumerate(counts[: self.num_stages]):
             if n:
                 self.exits.labels(self.model, str(k)).inc(int(n))

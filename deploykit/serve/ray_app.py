@@ -3,7 +3,12 @@
 Each stage deployment loads only its own graph and batches the calls of every request in flight with
 ``@serve.batch`` (the batch counts rows, like serve-local). The ingress speaks the same KServe v2 HTTP API as
 serve-local through :mod:`deploykit.serve.protocol`, decides the exits between stages and sends on only the
-surviving rows, so later stages see fewer rows and get fewer replicas (:mod:`deploykit.serve.sizing`).
+surviving rows, so later stages see fewer rows and get fewer replicas (:mod:`deploykit.serve.sizing`). It also
+exports serve-local's Prometheus series at ``/metrics`` (requests, latency, exits per stage) and, with
+``latency_slo_ms``, runs the same load-adaptive controller as serve-local (:mod:`deploykit.serve.adaptive`). The
+ingress has no batching queue of its own, so the controller's inputs are the rows in flight through the stage
+deployments and their completion rate: by Little's law, in-flight rows / completion rate is the time a row spends
+in the cascade now.
 
 Graphs travel to replicas as bytes through Ray's object store, so the same code runs on a multi-node cluster
 without a shared filesystem (deploykit itself must be importable on every node).
@@ -16,6 +21,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,7 @@ class RayConfig:
     max_request_mb: float = 16.0
     threads: int = 1  # ONNX Runtime intra-op threads per stage replica
     replica_cpus: float = 0.25  # Ray logical CPUs reserved per replica
+    latency_slo_ms: float | None = None  # load-adaptive exits in the ingress; None = off
 
 
 def stage_replicas(manifest: Manifest, config: RayConfig) -> list[int]:
@@ -120,8 +127,10 @@ class Ingress:
     """KServe v2 over HTTP (shared protocol module); runs the exit decision between the stage deployments."""
 
     def __init__(self, manifest: dict[str, Any], stages: list[Any], max_batch_size: int,
-                 max_request_mb: float) -> None:
+                 max_request_mb: float, latency_slo_ms: float | None = None, tick_s: float = 0.05) -> None:
         from deploykit.data.preprocess import load_image, preprocess_image
+        from deploykit.serve.adaptive import AdaptiveController
+        from deploykit.serve.metrics import ServeMetrics
 
         self.manifest = Manifest.from_dict(manifest)
         self.info = protocol.ModelInfo.from_manifest(self.manifest)
@@ -130,6 +139,30 @@ class Ingress:
         self.max_bytes = int(max_request_mb * 1024 * 1024)
         pre = self.manifest.preprocessing
         self.decode_image = lambda data: preprocess_image(load_image(data), pre)
+        self.metrics = ServeMetrics(self.info.name, self.info.num_stages)
+        self.adaptive = (AdaptiveController.from_manifest(self.manifest, latency_slo_ms)
+                         if latency_slo_ms is not None else None)
+        if self.adaptive is not None:
+            self.adaptive.listeners.append(self.metrics.observe_operating_point)
+            self.metrics.observe_operating_point(self.adaptive.current(), self.adaptive.slo_s)
+        self.tick_s = tick_s
+        self._in_flight: dict[int, tuple[float, int]] = {}  # request id -> (arrival, rows)
+        self._done_rows: dict[int, int] = {}  # operating point -> rows finished since the last tick
+        self._ticker: asyncio.Task | None = None
+
+    async def _adapt(self) -> None:
+        """Feed the controller every ``tick_s``: completion rate per operating point, rows in flight, oldest age."""
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            now = time.perf_counter()
+            done, self._done_rows = self._done_rows, {}
+            for level, rows in done.items():
+                self.adaptive.observe_batch(rows, now - last, level)
+            last = now
+            flight = list(self._in_flight.values())
+            oldest = now - min(t for t, _ in flight) if flight else 0.0
+            self.adaptive.tick(oldest, sum(n for _, n in flight))
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -143,6 +176,8 @@ class Ingress:
             return JSONResponse(protocol.server_metadata(__version__))
         if path in ("/v2/health/live", "/v2/health/ready"):
             return Response(status_code=200)
+        if path == "/metrics":
+            return Response(self.metrics.exposition(), headers={"content-type": self.metrics.content_type})
         m = _MODEL_PATH.match(path)
         if m is None or (m.group(3) == "/infer") != (method == "POST"):
             raise protocol.ProtocolError(f"{method} {path}: not found; see GET /v2 and /v2/models/{{name}} "
@@ -152,7 +187,24 @@ class Ingress:
             return Response(status_code=200)
         if m.group(3) is None:
             return JSONResponse(protocol.model_metadata(self.info))
-        return await self._infer(request)
+        return await self._timed_infer(request)
+
+    async def _timed_infer(self, request: Request) -> Response:
+        """``_infer`` with the request metrics (and the controller's latency signal) around it."""
+        if self.adaptive is not None and self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._adapt())
+        t0, code = time.perf_counter(), 500
+        try:
+            response = await self._infer(request)
+            code = response.status_code
+            return response
+        except protocol.ProtocolError as e:
+            code = e.status
+            raise
+        finally:
+            self.metrics.observe_request(code, time.perf_counter() - t0, None)
+            if self.adaptive is not None and code == 200:
+                self.adaptive.observe(time.perf_counter() - t0)
 
     async def _infer(self, request: Request) -> Response:
         body = await request.body()
@@ -161,8 +213,14 @@ class Ingress:
                                          "bytes (--max-request-mb); send fewer rows per request", 413)
         headers = {k.lower(): v for k, v in request.headers.items()}
         req = await asyncio.to_thread(protocol.parse_infer_request, body, headers, self.info, self.decode_image)
-        thr = list(self.manifest.thresholds() if req.thresholds is None else req.thresholds)
+        point = self.adaptive.current() if self.adaptive is not None and req.thresholds is None else None
+        if point is not None:  # requests without their own thresholds follow the controller
+            thr = list(point.thresholds)
+        else:
+            thr = list(self.manifest.thresholds() if req.thresholds is None else req.thresholds)
         step = self.max_batch_size
+        key = id(req)
+        self._in_flight[key] = (time.perf_counter(), len(req.rows))
         try:
             parts = await asyncio.gather(*[self.cascade(req.rows[lo:lo + step], thr)
                                            for lo in range(0, len(req.rows), step)])
@@ -171,8 +229,14 @@ class Ingress:
         except Exception as e:  # a stage fault fails this request; the deployments stay up
             raise protocol.ProtocolError(f"inference failed ({type(e).__name__}: {e}); the server is still up, "
                                          "retry or check the engine", 500) from e
+        finally:
+            self._in_flight.pop(key, None)
+        level = point.level if point is not None else 0
+        self._done_rows[level] = self._done_rows.get(level, 0) + len(req.rows)
         result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        out, extra = protocol.build_response(req, protocol.output_arrays(result, self.info.labels), self.info)
+        self.metrics.observe_exits(result["exit_stage"])
+        params = point.as_params() if point is not None else None
+        out, extra = protocol.build_response(req, protocol.output_arrays(result, self.info.labels), self.info, params)
         return Response(out, 200, headers=extra)
 
     async def cascade(self, x: np.ndarray, thr: list[float | None]) -> dict[str, np.ndarray]:
@@ -226,7 +290,14 @@ def build_app(engine_dir: str | os.PathLike, config: RayConfig) -> tuple[Any, li
     ingress = serve.deployment(Ingress).options(
         name="ingress", num_replicas=1, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": config.replica_cpus})
-    return ingress.bind(manifest.to_dict(), stages, config.max_batch_size, config.max_request_mb), opts
+    if config.latency_slo_ms is not None:
+        if config.latency_slo_ms <= 0:
+            raise ConfigError(f"expected --latency-slo-ms > 0, got {config.latency_slo_ms}")
+        from deploykit.serve.adaptive import AdaptiveController
+
+        AdaptiveController.from_manifest(manifest, config.latency_slo_ms)  # an uncalibrated engine fails here, early
+    return ingress.bind(manifest.to_dict(), stages, config.max_batch_size, config.max_request_mb,
+                        config.latency_slo_ms), opts
 
 
 def connect(address: str = "local", num_cpus: float | None = None) -> None:

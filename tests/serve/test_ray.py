@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -44,8 +45,9 @@ def ray_server(calibrated_digits):
 
     connect("local", num_cpus=2)
     try:
+        # the SLO is on but far away: the controller stays home, so answers must equal serve-local's
         info = deploy(calibrated_digits, RayConfig(total_replicas=5, max_batch_size=16, max_queue_delay_ms=5,
-                                                   replica_cpus=0.1), port=free_port())
+                                                   replica_cpus=0.1, latency_slo_ms=60_000), port=free_port())
         yield info
     finally:
         serve.shutdown()
@@ -119,3 +121,71 @@ def test_autoscale_options_keep_the_split(calibrated_digits):
     assert [o["autoscaling_config"]["initial_replicas"] for o in opts] == n
     assert [o["autoscaling_config"]["max_replicas"] for o in opts] == [2 * v for v in n]
     assert all("num_replicas" not in o for o in opts)
+
+
+def test_operating_point_in_responses_and_metrics(ray_server, calibrated_digits, digits_test):
+    u = ray_server["url"]
+    name = Manifest.load(calibrated_digits).name
+    code, _, body = http(u + f"/v2/models/{name}/infer", fp32_request(digits_test[0][:4]))
+    assert code == 200
+    params = json.loads(body)["parameters"]
+    from deploykit.serve.adaptive import AdaptiveController
+
+    home = AdaptiveController.from_manifest(Manifest.load(calibrated_digits), 60_000).ladder[0]
+    assert params["operating_point"] == 0 and params["expected_accuracy"] == home.expected_accuracy is not None
+    text = http(u + "/metrics")[2].decode()
+    assert f'deploykit_operating_point{{model="{name}"}} 0.0' in text
+    assert 'deploykit_requests_total{code="200"' in text
+    exits = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("deploykit_exits_total{")]
+    assert len(exits) == 4 and sum(exits) >= 4
+
+
+class _OrtStage:
+    """A stage deployment's handle, minus Ray: ``remote`` runs the stage graph in a real ORT session."""
+
+    def __init__(self, path, outputs):
+        from deploykit.backends.ort import OrtRunner
+
+        self.runner, self.outputs = OrtRunner(path, threads=1).load(), outputs
+
+    async def remote(self, feeds):
+        import asyncio
+
+        return await asyncio.to_thread(self.runner.run, feeds, self.outputs)
+
+
+def test_ingress_moves_to_earlier_exits_when_latency_nears_the_slo(calibrated_digits, digits_test):
+    """The ingress's controller wiring over real HTTP and real stage sessions: an SLO no cascade can meet drives
+    it down the calibrated ladder, and responses and /metrics say where it is."""
+    from starlette.requests import Request
+
+    from deploykit.serve.ray_app import Ingress
+
+    m = Manifest.load(calibrated_digits)
+    m.exit_policy.thresholds = [None] * m.num_stages  # home = full depth, so the calibrated curve lies below it
+    last = m.num_stages - 1
+    stages = [_OrtStage(m.path_of(s.file), ([] if k == last else [t.name for t in s.outputs])
+                        + [s.exit_logits, s.exit_score]) for k, s in enumerate(m.stages)]
+    ingress = Ingress(m.to_dict(), stages, 16, 1.0, latency_slo_ms=0.001)
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            response = await ingress(Request(scope, receive))
+            await response(scope, receive, send)
+
+    url = None
+    with ThreadServer(app) as s:
+        url = s.url + f"/v2/models/{m.name}/infer"
+        levels = []
+        for i in range(40):
+            code, _, body = http(url, fp32_request(digits_test[0][i * 4:(i + 1) * 4]))
+            assert code == 200
+            levels.append(json.loads(body)["parameters"]["operating_point"])
+            if levels[-1] == len(ingress.adaptive.ladder) - 1:
+                break
+            time.sleep(0.05)
+        text = http(s.url + "/metrics")[2].decode()
+    assert len(ingress.adaptive.ladder) > 1 and levels[0] == 0
+    assert levels[-1] == len(ingress.adaptive.ladder) - 1, levels  # reached the cheapest rung
+    assert levels == sorted(levels)  # only down while the SLO can't be met
+    assert 'deploykit_operating_point_changes_total{direction="down"' in text
