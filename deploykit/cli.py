@@ -307,20 +307,25 @@ def build(engine_dir: str, precision: str, max_batch: int, opt_batch: int | None
 @main.command("export-triton")
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Model repository to write.")
-@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
-              help="Stage models as ONNX graphs or as the TensorRT plans of `deploykit build`.")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(["onnxruntime", "tensorrt", "python"]),
+              help="Stage models as ONNX graphs (onnxruntime backend), as the TensorRT plans of `deploykit build`, "
+                   "or as Python-backend models running the ONNX graphs with ONNX Runtime on CPU (for Triton builds "
+                   "without the onnxruntime backend, e.g. PyTriton's).")
 @click.option("--max-batch-size", default=None, type=int, help="Triton max_batch_size (default: build's, else 32).")
 @click.option("--max-queue-delay-us", default=500, show_default=True, type=int, help="dynamic_batching delay.")
 @click.option("--instances", default=None, type=int,
               help="Total stage instances, split by calibrated exit fractions x stage cost (default: 1 each).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="--backend python: ONNX Runtime intra-op threads per stage instance.")
 @_friendly_errors
 def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: int | None, max_queue_delay_us: int,
-                      instances: int | None) -> None:
+                      instances: int | None, threads: int) -> None:
     """Write a Triton model repository: one model per stage plus a Python-backend BLS model running the cascade."""
     from deploykit.serve.triton import export_triton
 
     r = export_triton(engine_dir, out, backend=backend, max_batch_size=max_batch_size,
-                      max_queue_delay_us=max_queue_delay_us, instances=instances)
+                      max_queue_delay_us=max_queue_delay_us, instances=instances, threads=threads)
     click.echo(f"wrote {r['repository']}: {r['model']} (BLS cascade) + {', '.join(r['stage_models'])} "
                f"({backend}, max batch {r['max_batch_size']}, instances {r['instances']}); serve with "
                f"`tritonserver --model-repository {r['repository']}`")

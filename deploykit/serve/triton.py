@@ -3,6 +3,7 @@
 Layout (``REPO``)::
 
     <name>_stage<k>/config.pbtxt, 1/model.onnx | 1/model.plan   one per stage, dynamic batching
+                                  (--backend python: 1/model.onnx + 1/model.py, a Python-backend ORT stage)
     <name>/config.pbtxt, 1/model.py, 1/cascade.json              Python-backend BLS model: the cascade
 
 Ensembles can't express the data-dependent exit (see docs/scaling.md), so the cascade is a BLS model whose logic
@@ -25,25 +26,31 @@ from deploykit.manifest import Manifest
 from deploykit.serve.sizing import replica_split
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
-_PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
+_PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan"),
+              "python": (None, "model.onnx")}
 
 
 def export_triton(engine_dir: str | os.PathLike, out: str | os.PathLike, backend: str = "onnxruntime",
                   max_batch_size: int | None = None, max_queue_delay_us: int = 500, instances: int | None = None,
-                  name: str | None = None) -> dict[str, Any]:
+                  name: str | None = None, threads: int = 1) -> dict[str, Any]:
     """Write the model repository; returns a summary (models, max batch, instances per stage).
 
     Args:
         engine_dir: exported (and ideally calibrated) engine directory.
         out: repository directory to create (must not hold a different repository).
-        backend: ``onnxruntime`` (the stage ONNX graphs) or ``tensorrt`` (plans from ``deploykit build``).
+        backend: ``onnxruntime`` (the stage ONNX graphs), ``tensorrt`` (plans from ``deploykit build``) or
+            ``python`` (each stage a Python-backend model running its ONNX graph with ONNX Runtime on CPU, for
+            Triton builds without the ONNX Runtime backend; the server's Python needs numpy and onnxruntime).
         max_batch_size: Triton ``max_batch_size`` (default: the TensorRT build's max batch, else 32).
         max_queue_delay_us: ``dynamic_batching.max_queue_delay_microseconds`` for every model.
         instances: total stage instances to split by calibrated exit fractions × stage cost (default 1 each).
         name: the BLS model's name (default: the manifest's name).
+        threads: ``--backend python`` only: ONNX Runtime intra-op threads per stage instance.
     """
     if backend not in _PLATFORMS:
         raise ConfigError(f"--backend must be one of {sorted(_PLATFORMS)}, got {backend!r}")
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     m = Manifest.load(engine_dir)
     if m.task != "classification":
         raise ConfigError(f"export-triton handles classification cascades; {engine_dir} holds a {m.task!r} model")
@@ -67,11 +74,15 @@ def export_triton(engine_dir: str | os.PathLike, out: str | os.PathLike, backend
         d.mkdir(parents=True, exist_ok=True)
         src = m.path_of(s.extra["trt"]["engine"] if backend == "tensorrt" else s.file)
         shutil.copyfile(src, d / fname)
+        if backend == "python":
+            (d / "model.py").write_text(resources.files("deploykit.serve").joinpath("triton_stage.py").read_text())
         ins = [(t.name, t.dtype, t.shape[1:]) for t in s.inputs]
         outs = [(t.name, t.dtype, t.shape[1:]) for t in s.outputs]
         outs += [(s.exit_logits, "float32", [m.num_classes]), (s.exit_score, "float32", [])]
+        kind = {"tensorrt": "KIND_GPU", "python": "KIND_CPU"}.get(backend, "KIND_AUTO")
         text = _config(model, mbs, max_queue_delay_us, ins, outs, platform=platform, count=counts[k],
-                       preferred=preferred, kind="KIND_GPU" if backend == "tensorrt" else "KIND_AUTO")
+                       preferred=preferred, kind=kind, backend="python" if backend == "python" else None,
+                       parameters={"intra_op_threads": str(threads)} if backend == "python" else None)
         (out / model / "config.pbtxt").write_text(text)
         stages.append({"model": model, "outputs": [t.name for t in s.outputs], "exit_logits": s.exit_logits,
                        "exit_score": s.exit_score})
@@ -108,7 +119,7 @@ def _tensor(name: str, dtype: str, shape: list[Any]) -> str:
 
 def _config(name: str, mbs: int, delay_us: int, ins: list[tuple], outs: list[tuple], platform: str | None = None,
             backend: str | None = None, count: int = 1, preferred: list[int] | None = None,
-            kind: str = "KIND_AUTO") -> str:
+            kind: str = "KIND_AUTO", parameters: dict[str, str] | None = None) -> str:
     lines = [f'name: "{name}"']
     lines.append(f'platform: "{platform}"' if platform else f'backend: "{backend}"')
     lines.append(f"max_batch_size: {mbs}")
@@ -117,4 +128,6 @@ def _config(name: str, mbs: int, delay_us: int, ins: list[tuple], outs: list[tup
     pref = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else ""
     lines.append(f"dynamic_batching {{\n{pref}  max_queue_delay_microseconds: {int(delay_us)}\n}}")
     lines.append(f"instance_group [ {{ count: {count} kind: {kind} }} ]")
+    for key, value in (parameters or {}).items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
