@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The test suite (CPU only; GPU / TensorRT tests skip with their reason). Extra arguments go to pytest.
+# ray: tests/serve/test_ray.py starts a real local Ray cluster (it skips with the reason where ray is missing)
+export DEPLOYKIT_EXTRAS="${DEPLOYKIT_EXTRAS:-cpu,serve,dev,ray}"
 source "$(dirname "$0")/_env.sh"
 set +e
 python -m pytest -q -rs "$@"
