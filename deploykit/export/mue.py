@@ -5,7 +5,10 @@ Graphs (batch axis symbolic everywhere; sequence and cache lengths symbolic wher
 cosine score as an output), ``enc_out`` (normalised concat -> every decoder layer's cross-attention K/V),
 ``dec_embed``, ``dec{j}`` (one decoding step of layer j with KV-cache input and this step's K/V as output, plus the
 score), ``dec{j}_kv`` (layer j's K/V of a hidden state: the ``compute`` KV policy), and ``head`` (shared norm +
-tied projection). Parity: identical entailment answers and greedy captions on the test split, ORT vs PyTorch.
+tied projection). Runs with ``dec_prompt`` (entailment's decoder prompted by ``<bos>`` + hypothesis) also get
+``prompt_embed`` and ``dec{j}_prompt`` (layer j over the whole prompt, sequence in and out, with the per-sample cosine
+over the non-pad prompt positions); entailment needs no KV cache since it answers in one pass. Parity: identical
+entailment answers and greedy captions on the test split, ORT vs PyTorch.
 """
 
 from __future__ import annotations
@@ -71,6 +74,16 @@ def _graphs(m: MuEModel) -> list[tuple[str, Any, list[str], list[str], dict[str,
                    "cross_v": {0: B, 2: "src"}, "enc_mask": {0: B, 1: "src"}, "y": {0: B}, "k": {0: B},
                    "v": {0: B}, "score": {0: B}}))
         g.append((f"dec{j}_kv", layer.self_kv, ["x"], ["k", "v"], {"x": {0: B}, "k": {0: B}, "v": {0: B}}))
+    if m.cfg.dec_prompt and "entailment" in m.cfg.tasks:  # entailment's one non-incremental pass over the prompt
+        P = {0: B, 1: "prompt"}
+        g.append(("prompt_embed", m.embed_prompt, ["tokens"], ["x"], {"tokens": P, "x": P}))
+        for j in range(m.cfg.dec_layers):
+            def prompt(x: Tensor, mk: Tensor, ck: Tensor, cv: Tensor, em: Tensor, j: int = j) -> Any:
+                return m.prompt_layer(j, x, ck, cv, key_bias(em), mk)
+
+            g.append((f"dec{j}_prompt", prompt, ["x", "mask", "cross_k", "cross_v", "enc_mask"], ["y", "score"],
+                      {"x": P, "mask": P, "cross_k": {0: B, 2: "src"}, "cross_v": {0: B, 2: "src"},
+                       "enc_mask": {0: B, 1: "src"}, "y": P, "score": {0: B}}))
     return g
 
 
@@ -83,6 +96,11 @@ def _dummies(m: MuEModel, name: str) -> tuple[Tensor, ...]:
         return (torch.randint(4, 10, (b, lt)),)
     if name == "dec_embed":
         return torch.tensor([1, 5]), torch.tensor([0, 3])
+    if name == "prompt_embed":
+        return (torch.tensor([[1, 5, 6, 7], [1, 8, 0, 0]]),)
+    if name.endswith("_prompt"):
+        return (torch.randn(b, 4, d), torch.tensor([[1.0] * 4, [1.0] * 2 + [0.0] * 2]), torch.randn(b, h, src, dh),
+                torch.randn(b, h, src, dh), torch.ones(b, src))
     if name == "head" or name.endswith("_kv"):
         return (torch.randn(b, 1, d),)
     if name.startswith("enc") and name != "enc_out":
@@ -93,18 +111,23 @@ def _dummies(m: MuEModel, name: str) -> tuple[Tensor, ...]:
             torch.randn(b, h, src, dh), torch.ones(b, src))
 
 
-def dynamic_axis_ranges(num_patches: int, max_text_len: int, max_gen_len: int) -> dict[str, list[int]]:
+def dynamic_axis_ranges(num_patches: int, max_text_len: int, max_gen_len: int, prompt: bool = False
+                        ) -> dict[str, list[int]]:
     """``[min, opt, max]`` of every named non-batch axis of the MuE graphs (the TensorRT profiles' ranges).
 
     ``text``: 1..max_text_len words (empty text is refused); ``seq``: an encoder layer's stream, image
     (num_patches) or text (<= max_text_len), opt at the image stream; ``src``: image + text tokens; ``past``: the
     decoder's KV-cache length, **0** at the first step (the runtime feeds an empty cache there, as on ONNX Runtime;
-    TensorRT supports empty tensors) up to max_gen_len. Opt text length is half the limit.
+    TensorRT supports empty tensors) up to max_gen_len. Opt text length is half the limit. With ``prompt`` (engines
+    of ``dec_prompt`` runs) also ``prompt``: the entailment decoder's ``<bos>`` + hypothesis, 2..max_text_len+1.
     """
     n, lt, lg = int(num_patches), int(max_text_len), int(max_gen_len)
     opt_t = max(1, (lt + 1) // 2)
-    return {"text": [1, opt_t, lt], "seq": [1, n, max(n, lt)], "src": [n + 1, n + opt_t, n + lt],
+    axes = {"text": [1, opt_t, lt], "seq": [1, n, max(n, lt)], "src": [n + 1, n + opt_t, n + lt],
             "past": [0, max(1, lg // 2), max(1, lg)]}
+    if prompt:
+        axes["prompt"] = [2, opt_t + 1, lt + 1]
+    return axes
 
 
 def _spec(names: list[str], axes: dict[str, dict[int, str]], tensors: Any) -> list[dict[str, Any]]:
@@ -148,6 +171,7 @@ def export_mue(run_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
     thr = thresholds or {t: {"img": cfg.img_threshold, "txt": cfg.txt_threshold, "dec": cfg.dec_threshold,
                              "decay": cfg.dec_decay and t == "caption"} for t in tasks}
     task = "vl" if len(tasks) > 1 else f"vl-{tasks[0]}"
+    prompted = bool(cfg.dec_prompt and "entailment" in tasks)
     import timm
 
     manifest = Manifest(
@@ -161,8 +185,8 @@ def export_mue(run_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
                        "vocab": "vocab.json", "answer_tokens": list(LABELS), "enc_layers": cfg.enc_layers,
                        "dec_layers": cfg.dec_layers, "heads": cfg.heads, "dim": cfg.dim,
                        "max_text_len": cfg.max_text_len, "max_gen_len": cfg.max_gen_len,
-                       "num_patches": cfg.num_patches, "decisions": "per-sample"},
-               "dynamic_axes": dynamic_axis_ranges(cfg.num_patches, cfg.max_text_len, cfg.max_gen_len)})
+                       "num_patches": cfg.num_patches, "decisions": "per-sample", "dec_prompt": prompted},
+               "dynamic_axes": dynamic_axis_ranges(cfg.num_patches, cfg.max_text_len, cfg.max_gen_len, prompted)})
     manifest.save(out)
     if check:
         from deploykit.methods.mue.train import load_examples

@@ -1,7 +1,8 @@
 """MuE on ONNX Runtime: ``MuEEngine``, plus ``predict_vl`` and ``bench_vl`` for the CLI.
 
 Two encoder streams with independent per-sample exits and batch compaction, then a greedy generation loop with
-per-token decoder exits.
+per-token decoder exits (or, for entailment on ``dec_prompt`` engines, one decoder pass over ``<bos>`` + hypothesis
+with per-sample exits after each layer).
 
 Compaction: after every encoder layer, rows whose stream exited drop out of that stream's batch; in the decoder,
 rows that exit at layer j drop out of layers j+1.. for that step, and rows that finished (``<eos>``) drop out of
@@ -46,6 +47,8 @@ class MuEEngine:
                            for t, v in self.meta["thresholds"].items()}
         self.n_enc, self.n_dec = int(self.meta["enc_layers"]), int(self.meta["dec_layers"])
         self.answer_ids = np.array([self.vocab.stoi[w] for w in self.meta["answer_tokens"]])
+        # engines from before the setting have no key: entailment's decoder starts from <bos> alone
+        self.prompted = bool(self.meta.get("dec_prompt", False))
 
     @classmethod
     def from_dir(cls, engine_dir: str | os.PathLike, threads: int | None = None) -> MuEEngine:
@@ -163,6 +166,46 @@ class MuEEngine:
                 break
         return tokens, used, nsteps
 
+    @staticmethod
+    def prompt_inputs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Right-padded hypothesis ids ``[B, L]`` -> prompt, its mask, and each row's last prompt position.
+
+        The prompt is ``<bos>`` + ids ``[B, L+1]``; the answer is read at the last position.
+        """
+        tokens = np.concatenate([np.full((len(ids), 1), Vocab.bos_id, np.int64), ids.astype(np.int64)], 1)
+        return tokens, (tokens != Vocab.pad_id).astype(np.float32), (ids != Vocab.pad_id).sum(1)
+
+    def answer_prompted(self, enc: dict[str, np.ndarray], ids: np.ndarray, thr: Thresholds, depth: int | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Entailment of ``dec_prompt`` engines: one non-incremental decoder pass over ``<bos>`` + hypothesis.
+
+        After each decoder layer the rows whose prompt cosine (over their non-pad positions) is above the static
+        threshold leave the batch, and the batch's width shrinks to the longest prompt still running. The answer is
+        the best of the answer words at each row's last prompt position. Returns (tokens, layers, steps) per row
+        in the shape of ``decode``'s.
+        """
+        n = len(ids)
+        tokens, mask, last = self.prompt_inputs(ids)
+        x = self.runners["prompt_embed"].run({"tokens": tokens})["x"]
+        t = decoder_threshold(0, thr.dec, int(self.meta["max_gen_len"]), thr.decay)
+        used = np.zeros(n, np.int64)
+        active = np.arange(n)
+        for j in range(self.n_dec):
+            w = int(last[active].max()) + 1
+            r = self.runners[f"dec{j}_prompt"].run({
+                "x": x[active, :w], "mask": mask[active, :w], "cross_k": enc[f"cross_k{j}"][active],
+                "cross_v": enc[f"cross_v{j}"][active], "enc_mask": enc["enc_mask"][active]})
+            x[active, :w] = r["y"]
+            used[active] = j + 1
+            if j == self.n_dec - 1:
+                break
+            active = active[~(exits(r["score"], t) | (j + 1 == depth))]
+            if not len(active):
+                break
+        logits = self.runners["head"].run({"x": x[np.arange(n), last][:, None]})["logits"]
+        answer = self.answer_ids[logits[:, self.answer_ids].argmax(-1)]
+        return answer[:, None], used[:, None], np.ones(n, np.int64)
+
     # ---- whole pipeline --------------------------------------------------------------------------------------
     def generate_ids(self, images: list[np.ndarray], ids: list[list[int]], task: str, thr: Thresholds | None = None,
                      kv_policy: str | None = None, batch_size: int = 32, depth: int | None = None
@@ -181,7 +224,10 @@ class MuEEngine:
             for r, i in enumerate(chunk):
                 arr[r, : len(i)] = i
             enc, p, q = self.encode(np.stack(images[a:a + batch_size]), arr, thr, depth)
-            toks, used, nsteps = self.decode(enc, task, thr, policy, depth)
+            if task == "entailment" and self.prompted:
+                toks, used, nsteps = self.answer_prompted(enc, arr, thr, depth)
+            else:
+                toks, used, nsteps = self.decode(enc, task, thr, policy, depth)
             for r in range(len(chunk)):
                 out.append(SampleResult([int(x) for x in toks[r, : nsteps[r]]], int(p[r]), int(q[r]),
                                         [int(x) for x in used[r, : nsteps[r]]]))

@@ -13,8 +13,9 @@ How the sweep stays cheap (and exact):
 - Encoder: each stream runs once at full depth, keeping every layer's output and score. A stream's exit layer for a
   threshold is the first layer whose score is above it, and its output is that layer's output, so any (img, txt)
   threshold pair is a gather; identical exit patterns are evaluated once.
-- Entailment answers in one decoder step: the decoder runs once per encoder pattern at full depth keeping every
-  layer's answer and score, which gives every decoder threshold at once.
+- Entailment answers in one decoder step (or, on ``dec_prompt`` engines, one pass over ``<bos>`` + hypothesis): the
+  decoder runs once per encoder pattern at full depth keeping every layer's answer and score, which gives every
+  decoder threshold at once.
 - Captioning is autoregressive (an exit changes later steps through the KV cache), so each decoder threshold runs
   the runtime's own ``MuEEngine.decode``. To bound the cost the search is staged: every encoder pattern with a
   full-depth decoder first, then the decoder grid on the ``caption_keep`` cheapest encoder patterns that still meet
@@ -149,6 +150,8 @@ def _sweep_entailment(eng: Any, cache: _Cache, rows: list[Any], grid: dict[str, 
 
 def _decoder_all_layers(eng: Any, cache: _Cache, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Step 0 at full depth: every decoder layer's constrained answer and exit score."""
+    if eng.prompted:
+        return _prompt_all_layers(eng, cache, p, q)
     answers, scores = [], []
     h, dh = int(eng.meta["heads"]), int(eng.meta["dim"]) // int(eng.meta["heads"])
     for a in range(0, cache.n, cache.bs):
@@ -163,6 +166,28 @@ def _decoder_all_layers(eng: Any, cache: _Cache, p: np.ndarray, q: np.ndarray) -
                                             "cross_v": enc[f"cross_v{j}"], "enc_mask": enc["enc_mask"]})
             x = r["y"]
             logits = eng.runners["head"].run({"x": x})["logits"]
+            ans.append(eng.answer_ids[logits[:, eng.answer_ids].argmax(-1)])
+            sc.append(r["score"])
+        answers.append(np.stack(ans))
+        scores.append(np.stack(sc))
+    return np.concatenate(answers, 1), np.concatenate(scores, 1)
+
+
+def _prompt_all_layers(eng: Any, cache: _Cache, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``dec_prompt`` engines: the prompt pass at full depth, every layer's answer (last prompt position) and score."""
+    answers, scores = [], []
+    for a in range(0, cache.n, cache.bs):
+        enc = cache.enc_out(p, q, slice(a, a + cache.bs))
+        tokens, mask, last = eng.prompt_inputs(cache.ids[a:a + cache.bs])
+        w = int(last.max()) + 1  # as the runtime: the batch is as wide as its longest prompt
+        x = eng.runners["prompt_embed"].run({"tokens": tokens[:, :w]})["x"]
+        rows = np.arange(len(x))
+        ans, sc = [], []
+        for j in range(eng.n_dec):
+            r = eng.runners[f"dec{j}_prompt"].run({"x": x, "mask": mask[:, :w], "cross_k": enc[f"cross_k{j}"],
+                                                   "cross_v": enc[f"cross_v{j}"], "enc_mask": enc["enc_mask"]})
+            x = r["y"]
+            logits = eng.runners["head"].run({"x": x[rows, last][:, None]})["logits"]
             ans.append(eng.answer_ids[logits[:, eng.answer_ids].argmax(-1)])
             sc.append(r["score"])
         answers.append(np.stack(ans))

@@ -27,6 +27,7 @@ def test_manifest_describes_graphs_with_symbolic_batch(mue_engine):
     names = set(meta["graphs"])
     assert {"image_stem", "text_embed", "enc_out", "dec_embed", "head"} <= names
     assert {f"enc{i}" for i in range(3)} | {f"dec{j}" for j in range(3)} | {f"dec{j}_kv" for j in range(3)} <= names
+    assert {"prompt_embed"} | {f"dec{j}_prompt" for j in range(3)} <= names  # dec_prompt (the tiny recipe's)
     for g in meta["graphs"].values():
         model = onnx.load(str(root / g["file"]))
         for inp in model.graph.input:

@@ -20,6 +20,7 @@ def test_exported_mue_engine_declares_axis_ranges_and_passes_the_lint(mue_engine
     assert axes["text"][0] == 1 and axes["text"][2] == lt
     assert axes["src"] == [n + 1, n + axes["text"][1], n + lt]
     assert axes["past"][0] == 0 and axes["past"][2] == lg
+    assert meta["dec_prompt"] and axes["prompt"] == [2, axes["text"][1] + 1, lt + 1]  # <bos> + hypothesis
     report = lint_engine_dir(root)
     assert report.ok, report.format()
     assert sorted(report.graphs) == sorted(g["file"] for g in meta["graphs"].values())
@@ -50,6 +51,9 @@ def test_profile_shapes_of_the_exported_decoder_step(mue_engine):
     assert p["past_k"] == [[1, heads, axes["past"][0], dh], [4, heads, axes["past"][1], dh],
                            [16, heads, axes["past"][2], dh]]
     assert p["enc_mask"] == [[1, axes["src"][0]], [4, axes["src"][1]], [16, axes["src"][2]]]
+    p = profile_shapes(onnx_input_specs(root / "dec0_prompt.onnx"), (1, 4, 16), axes)
+    dim = manifest.extra["mue"]["dim"]
+    assert p["x"] == [[1, axes["prompt"][0], dim], [4, axes["prompt"][1], dim], [16, axes["prompt"][2], dim]]
     for name in manifest.extra["mue"]["graphs"]:  # every graph's inputs get a complete profile
         assert profile_shapes(onnx_input_specs(root / f"{name}.onnx"), (1, 4, 16), axes)
     with pytest.raises(EngineError, match="no declared range"):

@@ -18,6 +18,11 @@ class MuEConfig:
     Thresholds follow the reference: a stream / token exits when cosine(layer output, layer input) > threshold;
     1.0 (or more) never exits. ``dec_decay`` applies the reference's step-decayed threshold with the first third of
     steps forced to full depth (captioning); entailment answers in one step with the static threshold.
+
+    ``dec_prompt`` (the reference's ``prompt_type=prev_output``): the entailment decoder gets ``<bos>`` + the
+    hypothesis as its prompt and predicts the answer at the last prompt position, in one non-incremental pass over
+    the prompt; without it (runs from before the setting) the decoder starts from ``<bos>`` alone. Captioning is
+    unchanged.
     """
 
     dim: int = 64
@@ -36,6 +41,7 @@ class MuEConfig:
     dec_threshold: float = 0.9
     dec_decay: bool = True
     kv_policy: str = "copy"
+    dec_prompt: bool = False
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
@@ -52,6 +58,11 @@ class MuEConfig:
             raise ConfigError(f"mue: tasks {self.tasks} invalid; use 'entailment' and/or 'caption'")
         if min(self.enc_layers, self.dec_layers) < 1:
             raise ConfigError("mue: enc_layers and dec_layers must be >= 1")
+
+    @property
+    def dec_positions(self) -> int:
+        """Decoder position embeddings: generation steps, and with ``dec_prompt`` the ``<bos>`` + hypothesis."""
+        return max(self.max_gen_len, self.max_text_len if self.dec_prompt else 0) + 1
 
     @property
     def num_patches(self) -> int:

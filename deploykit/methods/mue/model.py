@@ -120,7 +120,7 @@ class MuEModel(nn.Module):
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, d)
         self.img_pos = nn.Parameter(torch.randn(1, cfg.num_patches, d) * 0.02)
         self.txt_pos = nn.Parameter(torch.randn(1, cfg.max_text_len, d) * 0.02)
-        self.dec_pos = nn.Parameter(torch.randn(cfg.max_gen_len + 1, d) * 0.02)
+        self.dec_pos = nn.Parameter(torch.randn(cfg.dec_positions, d) * 0.02)
         self.type_embed = nn.Parameter(torch.randn(3, d) * 0.02)  # image, text, decoder
         self.tok_embed = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.tok_embed.weight, std=0.02)
@@ -150,6 +150,21 @@ class MuEModel(nn.Module):
     def embed_dec(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Decoder input ``[B, T, D]`` for ``tokens [B, T]`` at ``positions [B, T]``."""
         return self.dec_ln_embed(self.tok_embed(tokens) + self.dec_pos[positions] + self.type_embed[2])
+
+    def embed_prompt(self, tokens: Tensor) -> Tensor:
+        """Decoder input of a prompt ``tokens [B, T]`` (``<bos>`` + hypothesis, right-padded) at positions 0..T-1."""
+        pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self.embed_dec(tokens, pos)
+
+    def prompt_layer(self, j: int, x: Tensor, ck: Tensor, cv: Tensor, enc_bias: Tensor, mask: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+        """Decoder layer ``j`` over a whole prompt ``x [B, T, D]`` at once, and its exit score.
+
+        Causal, so right pads never reach a real position; the score is the per-sample cosine of output vs input
+        over the prompt's non-pad positions (``mask``).
+        """
+        y = self.dec[j](x, ck, cv, enc_bias)
+        return y, cosine_per_sample(y, x, mask)
 
     def head(self, x: Tensor) -> Tensor:
         """Shared final norm + tied projection: the same head for every decoder layer's exit."""

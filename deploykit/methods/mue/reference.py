@@ -61,6 +61,8 @@ def reference_generate(model: MuEModel, image: torch.Tensor, ids: list[int], tas
     enc, enc_mask = model.encode_out(img, txt, txt_mask)
     bias = key_bias(enc_mask)
     cross = [layer.cross_kv(enc) for layer in model.dec]
+    if task == "entailment" and cfg.dec_prompt:
+        return _prompted_answer(model, ids, cross, bias, thr, answer_ids, p, q)
     h, dh = cfg.heads, cfg.dim // cfg.heads
     cache = [[torch.zeros(1, h, 0, dh), torch.zeros(1, h, 0, dh)] for _ in model.dec]
     tok, out, dec_used = Vocab.bos_id, [], []
@@ -88,3 +90,24 @@ def reference_generate(model: MuEModel, image: torch.Tensor, ids: list[int], tas
         if tok == Vocab.eos_id:
             break
     return SampleResult(out, p, q, dec_used)
+
+
+def _prompted_answer(model: MuEModel, ids: list[int], cross: list[tuple[torch.Tensor, torch.Tensor]],
+                     bias: torch.Tensor, thr: Thresholds, answer_ids: list[int] | None, p: int, q: int
+                     ) -> SampleResult:
+    """Entailment with ``dec_prompt``: one non-incremental decoder pass over ``<bos>`` + hypothesis.
+
+    The sample exits after layer j when the cosine over its whole prompt is above the threshold (static:
+    entailment's thresholds have no decay); the answer is read at the last prompt position.
+    """
+    prompt = torch.tensor([[Vocab.bos_id, *ids]])
+    x = model.embed_prompt(prompt)
+    mask = torch.ones(prompt.shape, dtype=torch.float32)
+    n, t = model.cfg.dec_layers, decoder_threshold(0, thr.dec, model.cfg.max_gen_len, thr.decay)
+    for j in range(n):
+        x, score = model.prompt_layer(j, x, *cross[j], bias, mask)
+        if j < n - 1 and bool(exits(score, t)[0]):
+            break
+    logits = model.head(x[:, -1])[0]
+    tok = answer_ids[int(logits[answer_ids].argmax())] if answer_ids is not None else int(logits.argmax())
+    return SampleResult([tok], p, q, [j + 1])

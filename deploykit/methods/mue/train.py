@@ -59,18 +59,27 @@ def tensorize(examples: list[VLExample], vocab: Vocab, cfg: MuEConfig) -> dict[s
     pre = preprocessing_of(cfg)
     imgs = np.stack([image_array(e.image, pre) for e in examples])
     lt, lg = cfg.max_text_len, cfg.max_gen_len
+    width = max(lg, lt + 1) if cfg.dec_prompt else lg  # decoder sequence: generation steps, <bos> + hypothesis
     ids = np.zeros((len(examples), lt), np.int64)
-    tgt = np.zeros((len(examples), lg), np.int64)
+    tgt = np.zeros((len(examples), width), np.int64)
+    dec_in = np.zeros((len(examples), width), np.int64)
+    ans_pos = np.zeros(len(examples), np.int64)  # where an entailment answer is predicted
     for i, e in enumerate(examples):
         t = vocab.encode(e.text, lt, unknown="error")
+        ids[i, : len(t)] = t
+        if cfg.dec_prompt and e.task == "entailment":  # prompt = <bos> + hypothesis; answer at its last position
+            dec_in[i, : len(t) + 1] = [vocab.bos_id, *t]
+            tgt[i, len(t)] = vocab.encode(e.target, unknown="error")[0]
+            ans_pos[i] = len(t)
+            continue
         y = vocab.encode(e.target, unknown="error") + [vocab.eos_id]
         if len(y) > lg:
             raise DataError(f"target of {len(y)} tokens (with <eos>) exceeds max_gen_len {lg}; raise max_gen_len")
-        ids[i, : len(t)], tgt[i, : len(y)] = t, y
-    dec_in = np.concatenate([np.full((len(examples), 1), vocab.bos_id), tgt[:, :-1]], 1)
-    dec_in[dec_in == vocab.eos_id] = vocab.pad_id
+        tgt[i, : len(y)] = y
+        dec_in[i, : len(y)] = [vocab.bos_id, *y[:-1]]
     return {"image": torch.from_numpy(imgs), "ids": torch.from_numpy(ids), "dec_in": torch.from_numpy(dec_in),
-            "target": torch.from_numpy(tgt), "is_ve": torch.tensor([e.task == "entailment" for e in examples])}
+            "target": torch.from_numpy(tgt), "is_ve": torch.tensor([e.task == "entailment" for e in examples]),
+            "ans_pos": torch.from_numpy(ans_pos)}
 
 
 @torch.no_grad()
@@ -88,8 +97,9 @@ def evaluate(model: MuEModel, t: dict[str, torch.Tensor], vocab: Vocab, bs: int 
             correct[j] += int(((lg.argmax(-1) == b["target"]) & keep).sum())
         total += int(keep.sum())
         if b["is_ve"].any() and ans:
-            first = logits[-1][b["is_ve"], 0][:, ans].argmax(-1)
-            ve_ok += int((torch.tensor(ans)[first] == b["target"][b["is_ve"], 0]).sum())
+            ve, at = b["is_ve"], b["ans_pos"][b["is_ve"]]
+            first = logits[-1][ve, at][:, ans].argmax(-1)
+            ve_ok += int((torch.tensor(ans)[first] == b["target"][ve, at]).sum())
             ve_n += int(b["is_ve"].sum())
     model.train()
     res = {f"tok_acc_l{j + 1}": float(c / max(total, 1)) for j, c in enumerate(correct)}
