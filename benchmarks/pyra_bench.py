@@ -17,10 +17,14 @@
 All five digits runs share recipes/multiexit-digits.yaml's backbone, data and train blocks (checked); a run in
 ``--runs`` trained with another recipe (e.g. an older schedule) is moved aside to ``<name>.staleN`` and retrained.
 
-Seed study (``--seeds 1 2``; only this part runs): ToMe and PYRA at the low and high rate retrained with
-``train.seed=<seed>`` into ``<runs>/<name>-s<seed>`` (one at a time, missing runs only; seed 0 is the plain
-``<runs>/<name>`` run above, reused), final-exit test and val accuracy per seed evaluated as in part 1, mean and
-sample standard deviation, paired PYRA - ToMe per seed. Writes ``<out>/pyra_seeds.json``.
+Seed study (``--seeds 1 2 3 4``; only this part runs): for every seed, ToMe and PYRA at the low, high and front
+(``FRONT``: all merging in stage 1) rates and the unmerged multi-exit model, retrained with ``train.seed=<seed>``
+into ``<runs>/<name>-s<seed>`` (one at a time, missing runs only; seed 0 is the plain ``<runs>/<name>`` run, reused).
+Writes ``<out>/pyra_seeds.json``: final-exit test / val accuracy per seed, mean and sample standard deviation,
+paired PYRA - ToMe per seed (and its paired t). Writes ``<out>/pyra_stacking.json`` / ``.png``: per seed,
+accuracy-vs-expected-FLOPs curves (one shared max-softmax threshold swept over ``STACK_THRESHOLDS``) for exits
+alone, merging alone, PYRA + exits (and ToMe + exits), compared (1) at equal *test* accuracy: the fewest FLOPs each
+needs to reach each of ``ACC_TARGETS``, and (2) by the validation rule of part 3 (picked by val FLOPs).
 
 Writes ``<out>/pyra_bench.json`` and ``<out>/pyra_bench.png`` (default ``benchmarks/results/pyra/``). With
 ``--skip-speed`` (``--skip-digits``) the throughput (digits) results of the previous JSON there are kept, and
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -45,13 +50,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 LOW = [1] * 8
 HIGH = [4, 3, 2, 2, 1, 1, 1, 1]
+# front-loaded: all merging in stage 1 (blocks 1-2, 17 -> 10 tokens, the same stage-1 cost as HIGH), none after.
+# Most digits leave at the first exit, so a cascade's cost is mostly stage 1; later stages keep 10 tokens.
+FRONT = [4, 3, 0, 0, 0, 0, 0, 0]
 RUNS = {  # name -> (recipe, overrides)
     "unmerged": ("multiexit-digits.yaml", []),
     "tome-low": ("tome-digits.yaml", [f"method.schedule={LOW}"]),
     "pyra-low": ("pyra-digits.yaml", [f"method.schedule={LOW}"]),
     "tome-high": ("tome-digits.yaml", [f"method.schedule={HIGH}"]),
     "pyra-high": ("pyra-digits.yaml", [f"method.schedule={HIGH}"]),
+    "tome-front": ("tome-digits.yaml", [f"method.schedule={FRONT}"]),
+    "pyra-front": ("pyra-digits.yaml", [f"method.schedule={FRONT}"]),
 }
+BASE_RUNS = ("unmerged", "tome-low", "pyra-low", "tome-high", "pyra-high")  # the single-seed digits part
 
 
 # ---- digits: accuracy, FLOPs, cascades ----------------------------------------------------------------------------
@@ -92,7 +103,7 @@ def ensure_runs(runs_dir: Path, names: list[str] | None = None, seed: int = 0) -
     from deploykit.train.recipe import recipe_from_dict
 
     check_fair()
-    for name in names or list(RUNS):
+    for name in names or list(BASE_RUNS):
         recipe, sets = RUNS[name]
         sets = sets + seed_sets(seed)
         rname = run_name(name, seed)
@@ -151,7 +162,7 @@ def digits_part(runs_dir: Path, tolerance: float, work: Path) -> dict:
     from deploykit.train import load_run
 
     models, out = {}, {"runs": {}}
-    for name in RUNS:
+    for name in BASE_RUNS:
         model, config = load_run(runs_dir / name)
         models[name] = (model, config)
     pre = models["unmerged"][1]["preprocessing"]
@@ -186,55 +197,207 @@ def digits_part(runs_dir: Path, tolerance: float, work: Path) -> dict:
     return out
 
 
-SEED_VARIANTS = ("tome-low", "pyra-low", "tome-high", "pyra-high")
+SEED_RATES = ("low", "high", "front")
+SEED_VARIANTS = tuple(f"{m}-{rate}" for rate in SEED_RATES for m in ("tome", "pyra"))
+# thresholds for the equal-accuracy curves: one shared max-softmax threshold for every early exit
+STACK_THRESHOLDS = [None] + sorted({round(float(t), 4) for t in np.r_[np.linspace(0.3, 0.99, 70), [0.995, 0.999]]})
+ACC_TARGETS = [0.95, 0.955, 0.96, 0.965, 0.97, 0.975, 0.98, 0.985]
+TECHNIQUES = {  # name -> (runs, early exits on?)
+    "exits alone": (["unmerged"], True),
+    "merging alone": (list(SEED_VARIANTS), False),
+    "PYRA + exits": (["pyra-low", "pyra-high", "pyra-front"], True),
+    "PYRA-low + exits": (["pyra-low"], True),
+    "PYRA-high + exits": (["pyra-high"], True),
+    "PYRA-front + exits": (["pyra-front"], True),
+    "ToMe + exits": (["tome-low", "tome-high", "tome-front"], True),
+}
 
 
-def seeds_part(runs_dir: Path, seeds: list[int]) -> dict:
-    """Final-exit test/val accuracy of ToMe and PYRA at both rates over seeds (seed 0 = the plain runs)."""
+def seeds_part(runs_dir: Path, seeds: list[int], tolerance: float) -> tuple[dict, dict]:
+    """Over seeds (seed 0 = the plain runs): final-exit accuracy of ToMe vs PYRA per rate, and the stacking study.
+
+    Trains missing runs one at a time: ToMe / PYRA at every rate in ``SEED_RATES`` and the unmerged multi-exit
+    model, for every seed. Returns ``(accuracy report, stacking report)``.
+    """
     from deploykit.train import load_run
 
     seeds = sorted(set([0, *seeds]))
+    names = ["unmerged", *SEED_VARIANTS]
     for seed in seeds:  # one at a time; only missing (or stale) runs train
-        ensure_runs(runs_dir, list(SEED_VARIANTS), seed)
+        ensure_runs(runs_dir, names, seed)
     pre = load_run(runs_dir / "tome-low")[1]["preprocessing"]
     x_val, y_val = split_arrays("val", pre)
     x_test, y_test = split_arrays("test", pre)
-    runs: dict = {name: {} for name in SEED_VARIANTS}
-    for name in SEED_VARIANTS:
+    evals: dict = {name: {} for name in names}
+    costs: dict = {}
+    for name in names:
         for seed in seeds:
             model, config = load_run(runs_dir / run_name(name, seed))
             if config["preprocessing"] != pre:
                 raise SystemExit(f"{run_name(name, seed)} has other preprocessing than tome-low")
+            if name not in costs:
+                trunk, head, full = stage_flops(model)
+                costs[name] = {"stage_flops": trunk, "exit_flops": head, "full_flops": full,
+                               "merge_schedule": getattr(model, "merge_r", [0] * model.depth),
+                               "stage_tokens": model.method_config().get("stage_tokens")}
+            trunk, head = costs[name]["stage_flops"], costs[name]["exit_flops"]
             lv, lt = exit_logits(model, x_val), exit_logits(model, x_test)
-            runs[name][seed] = {
+            evals[name][seed] = {
                 "run": str((runs_dir / run_name(name, seed)).relative_to(ROOT)) if runs_dir.is_relative_to(ROOT)
                 else str(runs_dir / run_name(name, seed)),
                 "train_seed": config["train"]["seed"], "schedule": config["method"].get("schedule"),
                 "test_acc": float((lt[-1].argmax(1) == y_test).mean()),
                 "test_correct": int((lt[-1].argmax(1) == y_test).sum()),
                 "val_acc": float((lv[-1].argmax(1) == y_val).mean()),
+                "exit_test_acc": [float((lg.argmax(1) == y_test).mean()) for lg in lt],
+                "cascade": [{"val": cascade_point(lv, y_val, t, trunk, head),
+                             "test": cascade_point(lt, y_test, t, trunk, head)} for t in STACK_THRESHOLDS],
             }
-            print(f"{name:10s} seed {seed}: test {runs[name][seed]['test_acc']:.4f} "
-                  f"val {runs[name][seed]['val_acc']:.4f}", flush=True)
-
-    def stats(v: list[float]) -> dict:
-        return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None}
+            print(f"{name:10s} seed {seed}: test {evals[name][seed]['test_acc']:.4f} "
+                  f"val {evals[name][seed]['val_acc']:.4f}", flush=True)
 
     summary = {}
-    for rate in ("low", "high"):
-        t, p = runs[f"tome-{rate}"], runs[f"pyra-{rate}"]
-        row: dict = {}
+    for rate in SEED_RATES:
+        t, p = evals[f"tome-{rate}"], evals[f"pyra-{rate}"]
+        row: dict = {"schedule": costs[f"pyra-{rate}"]["merge_schedule"],
+                     "full_flops": costs[f"pyra-{rate}"]["full_flops"]}
         for split in ("test", "val"):
             k = f"{split}_acc"
             diff = [p[s][k] - t[s][k] for s in seeds]
-            row[split] = {"tome": stats([t[s][k] for s in seeds]), "pyra": stats([p[s][k] for s in seeds]),
-                          "pyra_minus_tome_per_seed": dict(zip(seeds, diff)), "pyra_minus_tome": stats(diff)}
+            row[split] = {"tome": _stats([t[s][k] for s in seeds]), "pyra": _stats([p[s][k] for s in seeds]),
+                          "pyra_minus_tome_per_seed": dict(zip(seeds, diff)), "pyra_minus_tome": _stats(diff),
+                          "paired_t": _paired_t(diff)}
         row["test"]["pyra_minus_tome_images_per_seed"] = {s: p[s]["test_correct"] - t[s]["test_correct"]
                                                           for s in seeds}
         row["pyra_ge_tome_mean_test"] = row["test"]["pyra"]["mean"] >= row["test"]["tome"]["mean"]
         summary[rate] = row
-    return {"seeds": seeds, "n_test": len(y_test), "n_val": len(y_val), "std": "sample standard deviation (n-1)",
-            "runs": runs, "summary": summary}
+    brief = {n: {s: {k: v for k, v in e.items() if k != "cascade"} for s, e in evals[n].items()} for n in names}
+    acc_report = {"seeds": seeds, "n_test": len(y_test), "n_val": len(y_val), "std": "sample standard deviation (n-1)",
+                  "runs": {n: brief[n] for n in SEED_VARIANTS}, "unmerged": brief["unmerged"], "summary": summary}
+    return acc_report, stacking_seeds(evals, costs, seeds, tolerance)
+
+
+def _stats(v: list[float]) -> dict:
+    return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else None}
+
+
+def _paired_t(diff: list[float]) -> float | None:
+    """Paired t statistic of per-seed differences (``len - 1`` degrees of freedom)."""
+    if len(diff) < 2 or statistics.stdev(diff) == 0:
+        return None
+    return statistics.fmean(diff) / (statistics.stdev(diff) / len(diff) ** 0.5)
+
+
+def technique_points(evals: dict, technique: str, seed: int) -> list[dict]:
+    """Every operating point of a technique at one seed: (run, threshold, val / test accuracy and FLOPs)."""
+    runs, exits = TECHNIQUES[technique]
+    out = []
+    for name in runs:
+        for p in evals[name][seed]["cascade"]:
+            if exits or p["test"]["threshold"] is None:
+                out.append({"run": name, "threshold": p["test"]["threshold"], "val_acc": p["val"]["acc"],
+                            "val_flops": p["val"]["flops"], "test_acc": p["test"]["acc"],
+                            "test_flops": p["test"]["flops"], "exit_fractions": p["test"]["exit_fractions"]})
+    return out
+
+
+def cheapest(points: list[dict], split: str, target: float) -> dict | None:
+    """The point with the fewest expected FLOPs on ``split`` whose ``split`` accuracy is at least ``target``."""
+    ok = [p for p in points if p[f"{split}_acc"] >= target - 1e-12]
+    return min(ok, key=lambda p: (p[f"{split}_flops"], -p[f"{split}_acc"])) if ok else None
+
+
+def stacking_seeds(evals: dict, costs: dict, seeds: list[int], tolerance: float) -> dict:
+    """Stacking over seeds, two ways.
+
+    1. Equal *test* accuracy: for each target accuracy, the fewest expected FLOPs each technique needs to reach it
+       on the test split (its accuracy-vs-FLOPs curve read at that accuracy; a read-out, not a selection rule).
+    2. The validation rule: each technique's cheapest point (by val FLOPs) with val accuracy >= the unmerged
+       model's val accuracy - ``tolerance``; its test accuracy and FLOPs are reported.
+    "Both below either" means PYRA + exits needs fewer FLOPs than exits alone and than merging alone (a technique
+    that can't reach the target counts as infinitely expensive).
+    """
+    unmerged_flops = costs["unmerged"]["full_flops"]
+    equal: dict = {}
+    for target in ACC_TARGETS:
+        row: dict = {"per_seed": {}, "techniques": {}}
+        for tech in TECHNIQUES:
+            f = []
+            for s in seeds:
+                p = cheapest(technique_points(evals, tech, s), "test", target)
+                row["per_seed"].setdefault(s, {})[tech] = p and {k: p[k] for k in ("run", "threshold", "test_acc",
+                                                                                     "test_flops")}
+                f.append(p["test_flops"] if p else None)
+            got = [v for v in f if v is not None]
+            row["techniques"][tech] = {"flops_per_seed": f, "reached": len(got),
+                                       "flops": _stats(got) if len(got) == len(seeds) else None}
+        wins = 0
+        deltas: dict = {"PYRA + exits": [], "PYRA-low + exits": []}
+        for s in seeds:
+            per = {t: (v["test_flops"] if v else math.inf) for t, v in row["per_seed"][s].items()}
+            wins += per["PYRA + exits"] < min(per["exits alone"], per["merging alone"])
+            for tech, d in deltas.items():
+                if math.isfinite(per[tech]) and math.isfinite(per["exits alone"]):
+                    d.append(per[tech] - per["exits alone"])
+        row["both_below_each_seeds"] = wins
+        row["minus_exits_alone"] = {  # paired over the seeds where both reach the target
+            tech: {"per_seed": d, **(_stats(d) if d else {}), "paired_t": _paired_t(d)} for tech, d in deltas.items()}
+        equal[f"{target:.3f}"] = row
+    val_rule: dict = {"per_seed": {}, "tolerance": tolerance}
+    for s in seeds:
+        target = evals["unmerged"][s]["val_acc"] - tolerance
+        picks = {tech: cheapest(technique_points(evals, tech, s), "val", target) for tech in TECHNIQUES}
+        per = {t: (p["test_flops"] if p else math.inf) for t, p in picks.items()}
+        val_rule["per_seed"][s] = {"target_val_acc": target, "picks": picks,
+                                   "both_below_each": per["PYRA + exits"] < min(per["exits alone"],
+                                                                                per["merging alone"])}
+    val_rule["summary"] = {
+        tech: {k: _stats([val_rule["per_seed"][s]["picks"][tech][k] for s in seeds])
+               for k in ("test_acc", "test_flops")}
+        for tech in TECHNIQUES if all(val_rule["per_seed"][s]["picks"][tech] for s in seeds)}
+    val_rule["both_below_each_seeds"] = sum(val_rule["per_seed"][s]["both_below_each"] for s in seeds)
+    return {"seeds": seeds, "unmerged_flops": unmerged_flops, "thresholds": STACK_THRESHOLDS,
+            "techniques": {t: {"runs": r, "early_exits": e} for t, (r, e) in TECHNIQUES.items()},
+            "costs": costs, "equal_test_accuracy": equal, "val_rule": val_rule,
+            "curves": {n: {s: [{"threshold": p["test"]["threshold"], "test_acc": p["test"]["acc"],
+                                "test_flops": p["test"]["flops"], "val_acc": p["val"]["acc"]}
+                               for p in evals[n][s]["cascade"]] for s in seeds} for n in evals}}
+
+
+def plot_stacking(st: dict, path: Path) -> None:
+    """Left: FLOPs each technique needs per test accuracy (mean over seeds; bars: std). Right: seed-0 curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    for i, tech in enumerate(("exits alone", "merging alone", "PYRA + exits", "PYRA-low + exits", "ToMe + exits")):
+        xs, es, ys = [], [], []
+        for target, row in st["equal_test_accuracy"].items():
+            t = row["techniques"][tech]
+            if t["flops"]:
+                xs.append(t["flops"]["mean"] / 1e6)
+                es.append((t["flops"]["std"] or 0) / 1e6)
+                ys.append(float(target) * 100)
+        ax.errorbar(xs, ys, xerr=es, fmt="o-", color=f"C{i}", label=tech, capsize=3, ms=4)
+    ax.set_xlabel("expected MFLOPs / image to reach it (mean ± std over seeds; all seeds reach it)")
+    ax.set_ylabel("digits test accuracy target (%)")
+    ax.set_title(f"equal test accuracy, seeds {st['seeds']}")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for i, name in enumerate(("unmerged", "pyra-low", "pyra-high", "pyra-front", "tome-front")):
+        pts = sorted((p["test_flops"] / 1e6, p["test_acc"] * 100) for p in st["curves"][name][st["seeds"][0]])
+        ax.plot(*zip(*pts), "-", color=f"C{i}", lw=1, label=f"{name} (+ exits)")
+    ax.set_xlim(5, 16)
+    ax.set_ylim(93, 100)
+    ax.set_xlabel("expected MFLOPs / image (one shared exit threshold, swept)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("seed 0: exit-cascade curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def stacking(r: dict, tolerance: float) -> dict:
@@ -404,8 +567,8 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
-                    help="seed study only: ToMe/PYRA low/high also with these train seeds (seed 0 = the plain runs); "
-                         "writes <out>/pyra_seeds.json and nothing else")
+                    help="seed study only: unmerged and ToMe/PYRA low/high/front also with these train seeds (seed 0 "
+                         "= the plain runs); writes <out>/pyra_seeds.json and pyra_stacking.{json,png}, nothing else")
     args = ap.parse_args()
 
     from deploykit.runtime.bench import cpu_model
@@ -417,9 +580,11 @@ def main() -> None:
                                                      *sys.argv[1:]]),
                     "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__}
     if args.seeds is not None:
-        report["digits_seeds"] = seeds_part(args.runs, args.seeds)
-        (args.out / "pyra_seeds.json").write_text(json.dumps(report, indent=1))
-        print("wrote", args.out / "pyra_seeds.json")
+        acc, stack = seeds_part(args.runs, args.seeds, args.tolerance)
+        (args.out / "pyra_seeds.json").write_text(json.dumps({**report, "digits_seeds": acc}, indent=1))
+        (args.out / "pyra_stacking.json").write_text(json.dumps({**report, "stacking_seeds": stack}, indent=1))
+        plot_stacking(stack, args.out / "pyra_stacking.png")
+        print("wrote", *(args.out / f for f in ("pyra_seeds.json", "pyra_stacking.json", "pyra_stacking.png")))
         return
     prev_path = args.out / "pyra_bench.json"
     prev = json.loads(prev_path.read_text()) if prev_path.is_file() else {}

@@ -113,3 +113,54 @@ def test_near_tie_rows_flags_ties_only():
     rows = M.near_tie_rows(tied, 1, 1, eps=1e-6)
     assert rows.tolist() == [False, True, False]
     assert not M.near_tie_rows(metric, 0, 1).any()
+
+
+def _pyra_reference(x, size, metric, r, w_r, w_d, norm):
+    """PYRA's merge as its code does it (one cls token): ToMe's matching, then only the src tokens of ``x * size``
+    are re-activated, from LN(src + their dst partners *before* the add), and sizes merge unmodulated."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    scores[:, 0, :] = -torch.inf
+    node_max, node_idx = scores.max(dim=-1)
+    order = node_max.argsort(dim=-1, descending=True)
+    src_idx, unm_idx = order[:, :r], order[:, r:].sort(dim=-1).values
+    dst_idx = node_idx.gather(1, src_idx)
+
+    def idx(i, c):
+        return i[..., None].expand(-1, -1, c)
+
+    xs = x * size
+    xa, xb = xs[:, ::2], xs[:, 1::2]
+    c = x.shape[-1]
+    src, tgt = xa.gather(1, idx(src_idx, c)), xb.gather(1, idx(dst_idx, c))
+    m = norm(src + tgt)
+    w1 = 2 * torch.sigmoid(torch.einsum("ri,brd->bid", w_r, m))  # [B, 1, D]
+    w2 = 2 * torch.sigmoid(torch.einsum("brd,id->bri", m, w_d)) - 1  # [B, r, 1]
+    src = src + src * w1 * w2
+    xo = torch.cat([xa.gather(1, idx(unm_idx, c)), xb.scatter_add(1, idx(dst_idx, c), src)], dim=1)
+    sa, sb = size[:, ::2], size[:, 1::2]
+    so = torch.cat([sa.gather(1, idx(unm_idx, 1)), sb.scatter_add(1, idx(dst_idx, 1), sa.gather(1, idx(src_idx, 1)))],
+                   dim=1)
+    return xo / so, so
+
+
+def test_pyra_merge_matches_reference_on_src_tokens_only():
+    torch.manual_seed(4)
+    n, r, d = 17, 5, 16
+    x, metric = torch.randn(2, n, d, dtype=torch.float64), torch.randn(2, n, 4, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n, 1)).double()
+    w_r, w_d = torch.empty(r, 1, dtype=torch.float64).uniform_(-1, 1), torch.randn(1, d, dtype=torch.float64)
+    norm = torch.nn.LayerNorm(d, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.1)
+    m = M.bipartite_soft_matching(metric, r, 1)
+    got_x, got_s = M.merge_wavg(x, size, m, 1, lambda s, p: M.pyra_reactivate(s, p, w_r, w_d, norm))
+    ref_x, ref_s = _pyra_reference(x, size, metric, r, w_r, w_d, norm)
+    assert torch.equal(got_s, ref_s)  # sizes are never re-activated
+    torch.testing.assert_close(got_x, ref_x, rtol=0, atol=1e-12)
+    plain_x, _ = M.merge_wavg(x, size, m, 1)
+    # only the B tokens that received a src token change; cls and the unmerged A tokens are plain ToMe's
+    changed = (got_x - plain_x).abs().amax(dim=-1) > 1e-9
+    n_keep = 1 + (n - 1) // 2 - r
+    assert not changed[:, :n_keep].any() and changed.any()
