@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from _server import free_port, start_serve_local
-from serve_load import Conn, summarize
+from serve_load import CLIENT_ERRORS, Conn, client_error, summarize
 
 from deploykit.runtime.bench import cpu_model
 
@@ -80,8 +80,8 @@ async def closed(port: int, path: str, bodies: list[bytes], idx: list[np.ndarray
             t0 = time.perf_counter()
             try:
                 code, body = await conn.request(path, bodies[k], headers)
-            except (ConnectionError, OSError, asyncio.IncompleteReadError):
-                code, body = -1, b""
+            except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+                code, body = client_error(e), b""
                 conn.close()
             col.add(t0, time.perf_counter(), code, body, idx[k], y)
         conn.close()
@@ -100,8 +100,8 @@ async def open_loop(port: int, path: str, bodies: list[bytes], idx: list[np.ndar
         try:
             code, body = await conn.request(path, bodies[k], headers)
             idle.append(conn)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
-            code, body = -1, b""
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+            code, body = client_error(e), b""
             conn.close()
         col.add(t0, time.perf_counter(), code, body, idx[k], y)
 
@@ -221,6 +221,7 @@ def main() -> None:
         "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
         "note": "2 cores shared with other developers' jobs; load generator and server share them",
         "config": vars(args), "calibrated": {"thresholds": m.thresholds(), "test": cal.get("test")},
+        "client_errors": dict(CLIENT_ERRORS),
         **res,
         "targets": {
             "sustained_rate_req_s": res["fixed_closed_loop"]["ok_per_s"], "offered_rate_req_s": round(rate, 2),

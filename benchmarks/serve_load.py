@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,29 @@ from _server import free_port, start_serve_local
 
 from deploykit.runtime.bench import cpu_model
 
-
 # ---- a minimal keep-alive HTTP/1.1 client (low overhead: it shares the CPU with the server) ---------------------
+CLIENT_ERRORS: Counter[str] = Counter()  # failed requests (code -1) by exception type, plus stale-connection reopens
+
+
+def client_error(e: BaseException) -> int:
+    """Count a failed request by its exception type; returns the code the reports use for it (-1)."""
+    CLIENT_ERRORS[type(e).__name__] += 1
+    return -1
+
+
 class Conn:
+    """One keep-alive connection. Like urllib3's pool, it reopens a pooled connection the server has since closed
+    (uvicorn closes idle keep-alive connections after 5 s) instead of sending into it."""
+
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.writer is not None and (self.reader.at_eof() or self.writer.is_closing()):
+            CLIENT_ERRORS["stale_connection_reopened"] += 1
+            self.close()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
@@ -92,8 +107,8 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], head
             t0 = time.perf_counter()
             try:
                 code, _ = await conn.request(path, bodies[(i + sent[0]) % len(bodies)], headers)
-            except (ConnectionError, OSError, asyncio.IncompleteReadError):
-                code = -1
+            except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+                code = client_error(e)
                 conn.close()
             codes[code] = codes.get(code, 0) + 1
             if code == 200:
@@ -124,8 +139,8 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], header
         try:
             code, _ = await conn.request(path, bodies[i % len(bodies)], headers)
             idle.append(conn)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
-            code = -1
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+            code = client_error(e)
             conn.close()
         answered[0] += 1
         codes[code] = codes.get(code, 0) + 1
@@ -331,7 +346,7 @@ def main() -> None:
         "note": "2 cores shared with other developers' jobs; figures are noisy",
         "config": vars(args), "offline": off, "offline_one_batch_all_threads": alt,
         "offline_after": off_after, "closed_loop": closed, "overload": over,
-        "recovery": recovery,
+        "recovery": recovery, "client_errors": dict(CLIENT_ERRORS),
         "server_exit_code": rc if proc is not None else None,
         "targets": {
             "offline_rows_per_s_used": round(offline_rate, 2), "full_batch_s_used": round(batch_s, 4),
