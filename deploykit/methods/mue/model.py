@@ -171,17 +171,35 @@ class MuEModel(nn.Module):
         return self.dec_norm(x) @ self.tok_embed.weight.t()
 
     # ---- training forward ----------------------------------------------------------------------------------
-    def encode_full(self, image: Tensor, ids: Tensor, txt_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Both streams at full depth (training disables exits, as the reference does)."""
+    def encode_full(self, image: Tensor, ids: Tensor, txt_mask: Tensor,
+                    depths: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Both streams at full depth (training disables exits, as the reference does).
+
+        ``depths`` (``train.stream_depth_drop``): per-sample layer counts ``(image [B], text [B])`` in
+        ``1..enc_layers``; each stream's output is its state after that many layers, i.e. what an encoder exit
+        after layer k hands to ``encode_out`` at run time. ``None``: full depth.
+        """
         img, txt = self.embed_image(image), self.embed_text(ids)
         img_mask = torch.ones(img.shape[:2], device=img.device)
+        img_out = txt_out = None
+        if depths is not None:
+            img_out, txt_out = torch.zeros_like(img), torch.zeros_like(txt)
         for i in range(self.cfg.enc_layers):
             img, txt = self.enc[i](img, img_mask), self.enc[i](txt, txt_mask)
+            if depths is not None:  # keep each sample's state after its own depth
+                img_out = torch.where((depths[0] == i + 1)[:, None, None], img, img_out)
+                txt_out = torch.where((depths[1] == i + 1)[:, None, None], txt, txt_out)
+        if depths is not None:
+            img, txt = img_out, txt_out
         return self.encode_out(img, txt, txt_mask)
 
-    def forward(self, image: Tensor, ids: Tensor, txt_mask: Tensor, dec_in: Tensor) -> list[Tensor]:
-        """Logits ``[B, T, V]`` of every decoder layer through the shared head (teacher forcing)."""
-        enc, enc_mask = self.encode_full(image, ids, txt_mask)
+    def forward(self, image: Tensor, ids: Tensor, txt_mask: Tensor, dec_in: Tensor,
+                enc_depths: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
+        """Logits ``[B, T, V]`` of every decoder layer through the shared head (teacher forcing).
+
+        ``enc_depths``: per-sample encoder depths of the two streams (see ``encode_full``); ``None``: full depth.
+        """
+        enc, enc_mask = self.encode_full(image, ids, txt_mask, enc_depths)
         bias = key_bias(enc_mask)
         pos = torch.arange(dec_in.shape[1], device=dec_in.device).expand_as(dec_in)
         x = self.embed_dec(dec_in, pos)

@@ -1,8 +1,10 @@
 """MuE training as a library function: ``train_mue(recipe, out_dir) -> run_dir``.
 
 Single stage, as the paper: the encoder runs both streams at full depth (no exits while training) and every decoder
-layer gets the same task loss through the shared final norm and tied projection. The run directory holds
-``config.json`` (resolved recipe), ``model.safetensors``, ``vocab.json`` and ``metrics.jsonl``.
+layer gets the same task loss through the shared final norm and tied projection. Opt-in ``train.stream_depth_drop: p``
+(default 0, the reference): each stream of each sample stops after a random k < enc_layers layers with probability
+p, so the decoder also learns from truncated streams, as the runtime's encoder exits produce them. The run directory
+holds ``config.json`` (resolved recipe), ``model.safetensors``, ``vocab.json`` and ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from deploykit.data.preprocess import load_image, preprocess_image
 from deploykit.data.vl import LABELS, VLExample, read_vl_jsonl, synthetic_vl
@@ -26,7 +29,21 @@ from deploykit.methods.mue.tokenizer import Vocab
 
 DEFAULT_TRAIN = {"steps": 2500, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup": 100, "seed": 0,
                  "eval_every": 500, "threads": None,
-                 "verbose": False, "loss_norm": "token", "entailment_share": None}
+                 "verbose": False, "loss_norm": "token", "entailment_share": None, "stream_depth_drop": 0.0}
+
+
+def draw_stream_depths(n: int, enc_layers: int, p: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Per-sample encoder depths ``(image [n], text [n])`` for ``train.stream_depth_drop``.
+
+    Each stream of each sample, independently, with probability ``p`` stops after k ~ uniform{1..enc_layers-1}
+    layers, else runs all ``enc_layers``.
+    """
+    out = []
+    for _ in range(2):
+        drop = torch.rand(n, generator=gen) < p
+        k = torch.randint(1, max(enc_layers, 2), (n,), generator=gen)
+        out.append(torch.where(drop, k, torch.full_like(k, enc_layers)))
+    return out[0], out[1]
 
 
 def preprocessing_of(cfg: MuEConfig) -> dict[str, Any]:
@@ -118,6 +135,9 @@ def train_mue(recipe: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     share = tr.get("entailment_share")
     if share is not None and not 0.0 <= float(share) <= 1.0:
         raise ConfigError(f"train.entailment_share {share} must be in [0, 1] (the entailment rows of each batch)")
+    sdd = float(tr.get("stream_depth_drop") or 0.0)
+    if not 0.0 <= sdd <= 1.0:
+        raise ConfigError(f"train.stream_depth_drop {sdd} must be in [0, 1] (per-sample, per-stream probability)")
     if tr["threads"]:
         torch.set_num_threads(int(tr["threads"]))
     torch.manual_seed(int(tr["seed"]))
@@ -134,6 +154,8 @@ def train_mue(recipe: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "metrics.jsonl", "w")
     gen = torch.Generator().manual_seed(int(tr["seed"]))
+    # a generator of its own, so that the batches are the same with and without stream_depth_drop
+    depth_gen = torch.Generator().manual_seed(int(tr["seed"]) + 1)
     n, bs, t0 = len(tt["ids"]), int(tr["batch_size"]), time.time()
     perm, pos = torch.randperm(n, generator=gen), 0
     pools = [torch.nonzero(tt["is_ve"]).flatten(), torch.nonzero(~tt["is_ve"]).flatten()]
@@ -148,7 +170,9 @@ def train_mue(recipe: dict[str, Any], out_dir: str | os.PathLike) -> Path:
                 perm, pos = torch.randperm(n, generator=gen), 0
             idx = perm[pos:pos + bs]
             pos += bs
-        logits = model(tt["image"][idx], tt["ids"][idx], (tt["ids"][idx] != 0).float(), tt["dec_in"][idx])
+        depths = draw_stream_depths(len(idx), cfg.enc_layers, sdd, depth_gen) if sdd > 0 and cfg.enc_layers > 1 \
+            else None
+        logits = model(tt["image"][idx], tt["ids"][idx], (tt["ids"][idx] != 0).float(), tt["dec_in"][idx], depths)
         loss, parts = layerwise_loss(logits, tt["target"][idx], norm=str(tr["loss_norm"]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
