@@ -36,6 +36,7 @@ from deploykit.errors import ConfigError, DataError
 from deploykit.manifest import Manifest
 from deploykit.serve import protocol
 from deploykit.serve.sizing import replica_split
+from deploykit.serve.triton_stage import merge_requests, split_outputs
 
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 
@@ -103,21 +104,15 @@ class StageReplica:
         path = Path(self._dir.name) / Path(spec.file).name
         path.write_bytes(graph)
         self.runner = OrtRunner(path, threads=threads).load()
-        self.inputs = [t.name for t in spec.inputs]
         self.outputs = ([] if last else [t.name for t in spec.outputs]) + [spec.exit_logits, spec.exit_score]
         self.run_batch.set_max_batch_size(max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(wait_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_rows)
     async def run_batch(self, items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        counts = [len(next(iter(it.values()))) for it in items]
-        feeds = items[0] if len(items) == 1 else {n: np.concatenate([it[n] for it in items]) for n in self.inputs}
+        feeds, counts = merge_requests(items)
         res = await asyncio.to_thread(self.runner.run, feeds, self.outputs)
-        out, lo = [], 0
-        for c in counts:
-            out.append({k: np.asarray(v)[lo:lo + c] for k, v in res.items()})
-            lo += c
-        return out
+        return split_outputs({k: np.asarray(v) for k, v in res.items()}, counts)
 
     async def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await self.run_batch(feeds)

@@ -5,6 +5,7 @@
 images). It imports only numpy and the standard library at module level; ``onnxruntime`` (CPU) must be importable
 by the Python backend's interpreter, and ``triton_python_backend_utils`` is imported inside the model class. The
 model's ``parameters`` set ``intra_op_threads`` (ONNX Runtime intra-op threads per instance, default 1).
+``merge_requests`` / ``split_outputs`` also serve serve-ray's stage replicas, which batch the same way.
 """
 
 from __future__ import annotations
