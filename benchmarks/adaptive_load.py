@@ -25,7 +25,7 @@ import numpy as np
 from _server import free_port, start_serve_local
 from serve_load import CLIENT_ERRORS, Conn, client_error, summarize
 
-from deploykit.runtime.bench import cpu_model
+from deploykit.tune.bench import cpu_model
 
 
 def payloads(x: np.ndarray, rows: int) -> tuple[list[bytes], list[np.ndarray], dict[str, str]]:

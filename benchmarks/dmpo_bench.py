@@ -2,7 +2,7 @@
 
 Trains ``recipes/multiexit-digits.yaml``, ``recipes/dmpo-digits.yaml`` and three DMPO ablations (no bypass, no
 high-order predictor, uniform loss weights), exports each to ONNX, calibrates thresholds on the validation split
-at 30 / 40 / 60 % of the full model's FLOPs (``deploykit.runtime.calibrate``) and reports the test split. It also
+at 30 / 40 / 60 % of the full model's FLOPs (``deploykit.tune.calibrate``) and reports the test split. It also
 checks that the exported DMPO cascade predicts exactly what the PyTorch model predicts on the whole test split.
 
 The ablations are the DMPO recipe with one ``method.*`` override each, so they always share its backbone, data and
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deploykit.runtime.bench import cpu_model
+from deploykit.tune.bench import cpu_model
 
 BUDGETS = (0.3, 0.4, 0.6)
 BASELINE_RECIPE, DMPO_RECIPE = "recipes/multiexit-digits.yaml", "recipes/dmpo-digits.yaml"
@@ -99,7 +99,7 @@ def cascade_parity(run_dir: Path, engine_dir: Path, thresholds: list[float | Non
 def measure(name: str, engine_dir: Path, work: Path) -> dict[str, Any]:
     """Calibrate at every budget and collect the test figures and the accuracy-FLOPs curve."""
     from deploykit.manifest import Manifest
-    from deploykit.runtime.calibrate import calibrate
+    from deploykit.tune.calibrate import calibrate
 
     m = Manifest.load(engine_dir)
     out: dict[str, Any] = {

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from deploykit.export import export_model, export_run
-from deploykit.export.quantize import quantize
+from deploykit.graphs.quantize import quantize
 from deploykit.manifest import Manifest
-from deploykit.runtime.bench import bench, cpu_model, loadavg
-from deploykit.runtime.calibrate import calibrate
 from deploykit.runtime.cascade import Cascade
+from deploykit.tune.bench import bench, cpu_model, loadavg
+from deploykit.tune.calibrate import calibrate
 
 MODES = ("dynamic", "static")
 FRACTIONS = [0.4, 0.3, 0.2, 0.1]

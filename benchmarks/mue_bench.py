@@ -1,6 +1,6 @@
 """MuE benchmark on the SYNTHETIC shapes data: quality vs layers used (threshold sweep), and ORT wall-clock.
 
-The thresholds come from ``deploykit calibrate`` (``deploykit.runtime.mue_calibrate.calibrate_mue``): per task, a
+The thresholds come from ``deploykit calibrate`` (``deploykit.tune.mue_calibrate.calibrate_mue``): per task, a
 sweep on the val split, the cheapest point within the quality target (default: 1.0 accuracy point for entailment,
 3.0 BLEU-4 points for captioning), written into the engine. Every test figure here is the engine's **default**
 behaviour after calibration (``MuEEngine`` with no thresholds given), beside full depth and fixed shallower depths.
@@ -22,9 +22,9 @@ import numpy as np
 from deploykit.data.vl import synthetic_vl
 from deploykit.methods.mue.metrics import corpus_bleu
 from deploykit.methods.mue.reference import Thresholds
-from deploykit.runtime.bench import cpu_model
 from deploykit.runtime.generation import MuEEngine, summarize
-from deploykit.runtime.mue_calibrate import calibrate_mue
+from deploykit.tune.bench import cpu_model
+from deploykit.tune.mue_calibrate import calibrate_mue
 
 TARGET = {"entailment": (0.99, 0.40), "caption": (0.96, 0.30)}  # (quality ratio, layer reduction)
 PAPER = {"entailment": "SNLI-VE test 88.5 vs 89.2 (99.2%) at -50% expected time (Table 1); 88.6 at -37%, "

@@ -18,7 +18,7 @@ import torch
 from deploykit.export import export_model
 from deploykit.methods import create_backbone, create_method
 from deploykit.methods.backbone import backbone_data_config
-from deploykit.runtime.bench import bench
+from deploykit.tune.bench import bench
 
 
 def main() -> None:
@@ -56,8 +56,8 @@ def spinning_check(eng: Path, batch_sizes: list[int], repeats: int) -> list[dict
 
     from deploykit.backends.ort import OrtRunner
     from deploykit.manifest import Manifest
-    from deploykit.runtime.bench import _time_interleaved
     from deploykit.runtime.cascade import Cascade
+    from deploykit.tune.bench import _time_interleaved
 
     m = Manifest.load(eng)
     shape = [int(v) for v in m.input_spec.shape[1:]]

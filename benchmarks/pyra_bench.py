@@ -145,7 +145,7 @@ def cascade_point(logits: list[np.ndarray], y: np.ndarray, thr: float | None, tr
                   head: list[int]) -> dict:
     """Accuracy and expected FLOPs when every early exit fires at max-softmax >= thr (None: no early exit)."""
     from deploykit.runtime.cascade import softmax
-    from deploykit.runtime.thresholds import simulate
+    from deploykit.tune.thresholds import simulate
 
     scores = np.stack([softmax(lg).max(1) for lg in logits])
     correct = np.stack([lg.argmax(1) == y for lg in logits])
@@ -571,7 +571,7 @@ def main() -> None:
                          "= the plain runs); writes <out>/pyra_seeds.json and pyra_stacking.{json,png}, nothing else")
     args = ap.parse_args()
 
-    from deploykit.runtime.bench import cpu_model
+    from deploykit.tune.bench import cpu_model
 
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from _server import free_port, start_serve_local
 
-from deploykit.runtime.bench import cpu_model
+from deploykit.tune.bench import cpu_model
 
 # ---- a minimal keep-alive HTTP/1.1 client (low overhead: it shares the CPU with the server) ---------------------
 CLIENT_ERRORS: Counter[str] = Counter()  # failed requests (code -1) by exception type, plus stale-connection reopens

@@ -119,7 +119,7 @@ def export(run_dir: str, out: str, score: str | None, no_check: bool, parity_sam
 def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: float | None, json_out: str | None,
               backend: str) -> None:
     """Pick exit thresholds on the validation split, write them to the manifest, evaluate on test."""
-    from deploykit.runtime.calibrate import calibrate as run_calibration
+    from deploykit.tune.calibrate import calibrate as run_calibration
 
     r = run_calibration(engine_dir, data=data, max_drop=max_drop, flops_budget=flops_budget, json_out=json_out,
                         backend=backend)
@@ -151,7 +151,7 @@ def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] |
           data: str | None, samples: int, repeats: int, warmup: int, threads: int | None, json_out: str | None,
           compare: str | None, backend: str) -> None:
     """Time monolithic, exit-less chain, cascade (and PyTorch eager) side by side; report speed-ups."""
-    from deploykit.runtime.bench import bench as run_bench
+    from deploykit.tune.bench import bench as run_bench
 
     r = run_bench(engine_dir, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
                   data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
@@ -170,7 +170,7 @@ def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] |
 @_friendly_errors
 def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_samples: int, force: bool) -> None:
     """Write an INT8 copy of ENGINE_DIR (exit heads and scores stay FP32); re-run calibrate on it afterwards."""
-    from deploykit.export.quantize import quantize as run_quantize
+    from deploykit.graphs.quantize import quantize as run_quantize
 
     m = run_quantize(engine_dir, out, mode=mode, calib_data=calib_data, calib_samples=calib_samples,
                      overwrite=force)
@@ -191,7 +191,7 @@ def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_sample
 def predict(engine_dir: str, images: tuple[str, ...], thresholds: list[float] | None, texts: tuple[str, ...],
             task: str | None, backend: str) -> None:
     """Classify image files (or, for MuE engines, answer / caption them); one JSON line per image."""
-    from deploykit.runtime.predict import predict as run_predict
+    from deploykit.tune.predict import predict as run_predict
 
     for r in run_predict(engine_dir, list(images), backend=backend, thresholds=thresholds,
                          texts=list(texts) or None, task=task):
@@ -275,7 +275,7 @@ def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_bat
 @_friendly_errors
 def lint(engine_dir: str, target: str, as_json: bool) -> None:
     """Check ENGINE_DIR's graphs against TensorRT's ONNX support, offline (no GPU or TensorRT needed)."""
-    from deploykit.export.trt_lint import lint_engine_dir
+    from deploykit.graphs.trt_lint import lint_engine_dir
 
     report = lint_engine_dir(engine_dir, target=target)
     if as_json:
@@ -295,7 +295,7 @@ def lint(engine_dir: str, target: str, as_json: bool) -> None:
 @_friendly_errors
 def build(engine_dir: str, precision: str, max_batch: int, opt_batch: int | None, workspace_mb: int | None) -> None:
     """Build one TensorRT engine per stage of ENGINE_DIR on this GPU (run on the target device)."""
-    from deploykit.backends.trt import build_engines
+    from deploykit.graphs.trt_build import build_engines
 
     record = build_engines(engine_dir, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
                            workspace_mb=workspace_mb)

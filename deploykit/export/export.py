@@ -184,7 +184,7 @@ def export_run(
                     "data": config["data"]["spec"]},
     )
     if check_trt:
-        from deploykit.export.trt_lint import check_trt as lint_for_trt
+        from deploykit.graphs.trt_lint import check_trt as lint_for_trt
 
         lint_for_trt(out_dir, target="10.3")
     return manifest

@@ -12,16 +12,10 @@ from click.testing import CliRunner
 
 from deploykit.backends import check_backend, create_runner
 from deploykit.backends.ort import trt_provider
-from deploykit.backends.trt import (
-    BuildSettings,
-    TrtRunner,
-    build_engines,
-    check_engine_compat,
-    trt_major,
-    uses_strong_typing,
-)
+from deploykit.backends.trt import TrtRunner, check_engine_compat, trt_major, uses_strong_typing
 from deploykit.cli import main
 from deploykit.errors import BackendError, ConfigError, EngineError, ManifestError
+from deploykit.graphs.trt_build import BuildSettings, build_engines
 
 
 def _cuda() -> bool:
@@ -195,7 +189,7 @@ DEC_STEP_INPUTS = [("x", ["batch", 1, 64]), ("past_k", ["batch", 4, "past", 16])
 
 
 def test_profile_shapes_for_a_mue_decoder_step() -> None:
-    from deploykit.backends.trt import profile_shapes
+    from deploykit.graphs.trt_build import profile_shapes
 
     p = profile_shapes(DEC_STEP_INPUTS, (1, 8, 32), MUE_AXES)
     assert p["x"] == [[1, 1, 64], [8, 1, 64], [32, 1, 64]]
@@ -207,7 +201,7 @@ def test_profile_shapes_for_a_mue_decoder_step() -> None:
 
 
 def test_profile_shapes_batch_only_and_undeclared_axis() -> None:
-    from deploykit.backends.trt import profile_shapes
+    from deploykit.graphs.trt_build import profile_shapes
 
     assert profile_shapes([("image", ["batch", 3, 16, 16])], (1, 8, 32)) == {
         "image": [[1, 3, 16, 16], [8, 3, 16, 16], [32, 3, 16, 16]]}

@@ -31,7 +31,7 @@ def test_method_forward_export_parity(name, tmp_path):
     assert m.provenance["parity"]["prediction_mismatches"] == [0] * m.num_stages
     assert all(s.flops > 0 and s.exit_flops > 0 for s in m.stages)
     # every graph deploykit exports must build with TensorRT: the offline lint checks it without a GPU
-    from deploykit.export.trt_lint import lint_engine_dir
+    from deploykit.graphs.trt_lint import lint_engine_dir
 
     report = lint_engine_dir(tmp_path / name)
     assert report.ok and len(report.graphs) == m.num_stages + 1, report.format()

@@ -97,7 +97,7 @@ def test_calibrate_refuses_conflicting_objectives_and_unknown_data(engine_copy):
 def test_predict_with_thresholds_on_a_vl_engine_is_a_config_error(mue_engine, tmp_path):
     from deploykit.cli import main
     from deploykit.data.vl import synthetic_vl
-    from deploykit.runtime.predict import predict
+    from deploykit.tune.predict import predict
 
     root, _ = mue_engine
     img = tmp_path / "scene.png"

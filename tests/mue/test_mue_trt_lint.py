@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from deploykit.backends.trt import onnx_input_specs, profile_shapes
 from deploykit.errors import EngineError, ExportError
-from deploykit.export.trt_lint import check_trt, lint_engine_dir
+from deploykit.graphs.trt_build import onnx_input_specs, profile_shapes
+from deploykit.graphs.trt_lint import check_trt, lint_engine_dir
 from deploykit.manifest import Manifest
 
 

@@ -24,7 +24,7 @@ from deploykit.serve.sizing import replica_split  # noqa: E402
 
 @pytest.fixture(scope="module")
 def calibrated_digits(trained_engine, tmp_path_factory):
-    from deploykit.runtime.calibrate import calibrate
+    from deploykit.tune.calibrate import calibrate
 
     d = tmp_path_factory.mktemp("ray") / "tiny-digits"
     shutil.copytree(trained_engine, d)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deploykit.backends.fp16 import convert_file, convert_to_fp16, fp32_compute_ops
+from deploykit.graphs.fp16 import convert_file, convert_to_fp16, fp32_compute_ops
 from deploykit.manifest import Manifest
 
 LOGIT_ATOL = 2e-2

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from deploykit.errors import ConfigError
-from deploykit.runtime.bench import thresholds_for_fractions
-from deploykit.runtime.thresholds import choose, first_exit, pareto_front, simulate, sweep
+from deploykit.tune.bench import thresholds_for_fractions
+from deploykit.tune.thresholds import choose, first_exit, pareto_front, simulate, sweep
 
 
 def _toy(n=200, seed=0):

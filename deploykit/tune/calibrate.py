@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.runtime.cascade import Cascade, stage_costs
-from deploykit.runtime.thresholds import choose, pareto_front, simulate, sweep
+from deploykit.tune.thresholds import choose, pareto_front, simulate, sweep
 
 DEFAULT_MAX_DROP = 0.5
 
@@ -51,7 +51,7 @@ def calibrate(
     from deploykit.manifest import Manifest
 
     if Manifest.load(engine_dir).task.startswith("vl"):  # MuE: per-task, per-stream thresholds
-        from deploykit.runtime.mue_calibrate import calibrate_mue
+        from deploykit.tune.mue_calibrate import calibrate_mue
 
         return calibrate_mue(engine_dir, data=None if data == "digits" else data, max_drop=max_drop,
                              layer_budget=flops_budget, json_out=json_out, plot_out=plot_out, write=write)

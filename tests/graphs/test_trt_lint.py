@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.cli import main
 from deploykit.errors import ExportError, ManifestError
-from deploykit.export.trt_lint import check_trt, lint_engine_dir, lint_graph, opset_range
+from deploykit.graphs.trt_lint import check_trt, lint_engine_dir, lint_graph, opset_range
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=18, domains=()):
@@ -182,7 +182,7 @@ def test_wide_declared_range_is_a_warning() -> None:
 @pytest.mark.parametrize("bad", [{"text": [2, 1, 4]}, {"text": [-1, 1, 4]}, {"text": [0, 0, 0]}, {"text": [1, 2]},
                                  {"text": "1..4"}])
 def test_bad_declared_ranges_are_refused(bad) -> None:
-    from deploykit.export.trt_lint import axis_ranges_of
+    from deploykit.graphs.trt_lint import axis_ranges_of
 
     with pytest.raises(ManifestError, match="dynamic_axes"):
         axis_ranges_of({"dynamic_axes": bad})

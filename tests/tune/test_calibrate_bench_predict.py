@@ -5,9 +5,9 @@ import pytest
 
 from deploykit.errors import DataError
 from deploykit.manifest import Manifest
-from deploykit.runtime.bench import bench
-from deploykit.runtime.calibrate import calibrate
-from deploykit.runtime.predict import predict
+from deploykit.tune.bench import bench
+from deploykit.tune.calibrate import calibrate
+from deploykit.tune.predict import predict
 
 
 def test_calibrate_max_drop(engine_copy, tmp_path):

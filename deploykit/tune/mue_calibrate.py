@@ -293,7 +293,7 @@ def calibrate_mue(engine_dir: str | os.PathLike, data: str | None = None,
 
     manifest = Manifest.load(engine_dir)
     if not manifest.task.startswith("vl"):
-        raise ConfigError(f"{engine_dir} is not a MuE engine; use deploykit.runtime.calibrate.calibrate")
+        raise ConfigError(f"{engine_dir} is not a MuE engine; use deploykit.tune.calibrate.calibrate")
     if layer_budget is not None and max_drop is not None:
         raise ConfigError("give max_drop or a layer budget, not both")
     drops = dict(DEFAULT_MAX_DROP)

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.cli import main
 from deploykit.errors import ConfigError, DataError
-from deploykit.export.quantize import INT8_OPS, exit_head_nodes, quantize
-from deploykit.export.trt_lint import lint_engine_dir, lint_graph
+from deploykit.graphs.quantize import INT8_OPS, exit_head_nodes, quantize
+from deploykit.graphs.trt_lint import lint_engine_dir, lint_graph
 from deploykit.manifest import Manifest
 from deploykit.runtime.cascade import Cascade
 
@@ -108,7 +108,7 @@ def test_exit_head_found_without_exporter_metadata(trained_engine: Path) -> None
 
 
 def test_recalibration_on_int8(engine_copy: Path, tmp_path: Path) -> None:
-    from deploykit.runtime.calibrate import calibrate
+    from deploykit.tune.calibrate import calibrate
 
     calibrate(engine_copy, max_drop=1.0, write=True)
     q = tmp_path / "q"
@@ -144,7 +144,7 @@ def test_lint_flags_asymmetric_qdq() -> None:
 
 
 def test_bench_compares_int8_with_fp32(int8_dirs: dict[str, Path], trained_engine: Path) -> None:
-    from deploykit.runtime.bench import bench
+    from deploykit.tune.bench import bench
 
     r = bench(int8_dirs["static"], batch_sizes=[8], exit_fractions=[0.4, 0.3, 0.2, 0.1], samples=40, repeats=1,
               warmup=0, threads=1, compare=trained_engine)

@@ -1,0 +1,1 @@
+"""Tuning and measuring an exported model: exit-threshold calibration, benchmarks, prediction."""
