@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from deploykit.errors import ConfigError
 from deploykit.manifest import Manifest
 from deploykit.methods.mue.reference import Thresholds
-from deploykit.runtime import mue_calibrate as mc
+from deploykit.tune import mue_calibrate as mc
 from deploykit.runtime.generation import MuEEngine
 
 SMALL = {"entailment": {"img": [None, 0.99, 0.9, 0.5], "txt": [None, 0.95, 0.5], "dec": [None, 0.95, 0.5]},
