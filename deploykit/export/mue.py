@@ -24,7 +24,7 @@ from deploykit.data.vl import LABELS
 from deploykit.errors import ExportError
 from deploykit.manifest import ExitPolicy, Manifest, Preprocessing, file_sha256
 from deploykit.methods.mue.model import MuEModel, key_bias
-from deploykit.methods.mue.tokenizer import Vocab
+from deploykit.runtime.tokenizer import Vocab
 
 OPSET = 17
 B = "batch"
@@ -61,7 +61,7 @@ def _graphs(m: MuEModel) -> list[tuple[str, Any, list[str], list[str], dict[str,
     g.append(("enc_out", enc_out, ["img", "txt", "txt_mask"], ["enc_mask", *kv_names],
               {"img": {0: B}, "txt": {0: B, 1: "text"}, "txt_mask": {0: B, 1: "text"}, "enc_mask": {0: B, 1: "src"},
                **{n: {0: B, 2: "src"} for n in kv_names}}))
-    from deploykit.methods.mue.exits import cosine_per_sample
+    from deploykit.runtime.exit_rules import cosine_per_sample
 
     for j, layer in enumerate(m.dec):
         def step(x: Tensor, pk: Tensor, pv: Tensor, ck: Tensor, cv: Tensor, mk: Tensor, layer: Any = layer) -> Any:
@@ -206,8 +206,9 @@ def export_mue(run_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
 
 def check_parity(model: MuEModel, vocab: Vocab, engine_dir: Path, examples: list[Any]) -> dict[str, Any]:
     """Generated tokens of ORT (batched, compacted) vs the per-sample PyTorch reference, full depth and with exits."""
-    from deploykit.methods.mue.reference import Thresholds, reference_generate
+    from deploykit.methods.mue.reference import reference_generate
     from deploykit.methods.mue.train import image_array, preprocessing_of
+    from deploykit.runtime.exit_rules import Thresholds
     from deploykit.runtime.generation import MuEEngine
 
     engine = MuEEngine.from_dir(engine_dir)

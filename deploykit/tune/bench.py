@@ -115,7 +115,7 @@ def bench(
     from deploykit.manifest import Manifest
 
     if Manifest.load(engine_dir).task.startswith("vl"):
-        from deploykit.runtime.generation import bench_vl
+        from deploykit.tune.mue_bench import bench_vl
 
         report = bench_vl(engine_dir, n=samples, batch_size=max(batch_sizes), repeats=repeats, threads=threads)
         if json_out is not None:

@@ -36,9 +36,8 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import ConfigError, DataError
-from deploykit.methods.mue.exits import exits, layer_fraction
-from deploykit.methods.mue.reference import SampleResult, Thresholds
-from deploykit.methods.mue.tokenizer import Vocab
+from deploykit.runtime.exit_rules import SampleResult, Thresholds, exits, layer_fraction
+from deploykit.runtime.tokenizer import Vocab
 
 # allowed quality drop vs full depth on val, in points (accuracy % for entailment, BLEU-4 x 100 for captioning)
 DEFAULT_MAX_DROP = {"entailment": 1.0, "caption": 3.0}
@@ -106,7 +105,7 @@ class _Cache:
 
 
 def _quality(task: str, texts: list[str], rows: list[Any]) -> float:
-    from deploykit.methods.mue.metrics import corpus_bleu
+    from deploykit.runtime.bleu import corpus_bleu
 
     if task == "entailment":
         return float(np.mean([t == r.target for t, r in zip(texts, rows)]))

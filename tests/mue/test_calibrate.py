@@ -8,9 +8,9 @@ from click.testing import CliRunner
 
 from deploykit.errors import ConfigError
 from deploykit.manifest import Manifest
-from deploykit.methods.mue.reference import Thresholds
-from deploykit.runtime import mue_calibrate as mc
+from deploykit.runtime.exit_rules import Thresholds
 from deploykit.runtime.generation import MuEEngine
+from deploykit.tune import mue_calibrate as mc
 
 SMALL = {"entailment": {"img": [None, 0.99, 0.9, 0.5], "txt": [None, 0.95, 0.5], "dec": [None, 0.95, 0.5]},
          "caption": {"img": [None, 0.99, 0.5], "txt": [None, 0.5], "dec": [None, 0.95, 0.5]}}

@@ -7,9 +7,9 @@ MuE is a different model family (encoder-decoder, generation, no exit heads); th
 """
 
 from deploykit.methods.mue.config import MuEConfig
-from deploykit.methods.mue.exits import cosine_per_sample, decoder_threshold, exits, layer_fraction
 from deploykit.methods.mue.model import MuEModel, layerwise_loss
-from deploykit.methods.mue.tokenizer import Vocab
+from deploykit.runtime.exit_rules import cosine_per_sample, decoder_threshold, exits, layer_fraction
+from deploykit.runtime.tokenizer import Vocab
 
 __all__ = ["MuEConfig", "MuEModel", "Vocab", "cosine_per_sample", "decoder_threshold", "exits", "layer_fraction",
            "layerwise_loss"]

@@ -25,7 +25,7 @@ from deploykit.data.vl import LABELS, VLExample, read_vl_jsonl, synthetic_vl
 from deploykit.errors import CheckpointError, ConfigError, DataError
 from deploykit.methods.mue.config import MuEConfig
 from deploykit.methods.mue.model import MuEModel, layerwise_loss
-from deploykit.methods.mue.tokenizer import Vocab
+from deploykit.runtime.tokenizer import Vocab
 
 DEFAULT_TRAIN = {"steps": 2500, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup": 100, "seed": 0,
                  "eval_every": 500, "threads": None,
