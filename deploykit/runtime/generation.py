@@ -22,6 +22,7 @@ import numpy as np
 from deploykit.backends.ort import OrtRunner
 from deploykit.errors import ConfigError, DataError
 from deploykit.manifest import Manifest
+from deploykit.manifest_sections import mue_section
 from deploykit.runtime.exit_rules import SampleResult, Thresholds, decoder_threshold, exits, layer_fraction
 from deploykit.runtime.tokenizer import Vocab
 
@@ -34,7 +35,7 @@ class MuEEngine:
     """Runs an exported MuE engine directory (manifest + graphs + vocabulary) on ONNX Runtime."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None):
-        if "mue" not in manifest.extra:
+        if mue_section(manifest) is None:
             raise ConfigError(f"engine {manifest.root} is not a MuE engine (task {manifest.task!r}); use the cascade")
         self.manifest, self.meta = manifest, manifest.extra["mue"]
         self.runners = {k: OrtRunner(manifest.path_of(g["file"]), threads=threads)
