@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from deploykit.data.vl import synthetic_vl
-from deploykit.methods.mue.metrics import corpus_bleu
-from deploykit.methods.mue.reference import Thresholds
-from deploykit.runtime.generation import MuEEngine, summarize
+from deploykit.runtime.bleu import corpus_bleu
+from deploykit.runtime.exit_rules import Thresholds
+from deploykit.runtime.generation import MuEEngine
 from deploykit.tune.bench import cpu_model
+from deploykit.tune.mue_bench import summarize
 from deploykit.tune.mue_calibrate import calibrate_mue
 
 TARGET = {"entailment": (0.99, 0.40), "caption": (0.96, 0.30)}  # (quality ratio, layer reduction)

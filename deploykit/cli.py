@@ -70,16 +70,26 @@ def main() -> None:
 def train(recipe: str | None, method: str | None, backbone: str | None, data: str | None, epochs: int | None,
           max_steps: int | None, batch_size: int | None, lr: float | None, seed: int | None, sets: tuple[str, ...],
           out: str | None, resume: str | None) -> None:
-    """Train a multi-exit model from a recipe; writes config.json, model.safetensors, metrics.jsonl (torchrun-ready)."""
+    """Train a model from a recipe (any family); writes config.json, model.safetensors, metrics.jsonl."""
     import logging
 
-    from deploykit.train import train as run_training
+    from deploykit.families import family_for_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {"method.name": method, "backbone.name": backbone, "data.spec": data, "train.epochs": epochs,
                  "train.max_steps": max_steps, "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
-    run_dir = run_training(recipe, out=out, resume=resume, overrides=overrides, sets=sets)
+    family = family_for_recipe(recipe, overrides, resume)
+    run_dir = family.train(recipe, out=out, resume=resume, overrides=overrides, sets=sets)
     click.echo(str(run_dir))
+
+
+def _engine(engine_dir: str) -> tuple[Any, Any]:
+    """Load ENGINE_DIR's manifest once and the family that runs it."""
+    from deploykit.families import family_for_manifest
+    from deploykit.manifest import Manifest
+
+    manifest = Manifest.load(engine_dir)
+    return family_for_manifest(manifest), manifest
 
 # ---- export / calibrate / bench / predict ----------------------------------------------------------------------
 _BACKEND = click.option("--backend", default="ort-cpu", show_default=True,
@@ -89,47 +99,40 @@ _BACKEND = click.option("--backend", default="ort-cpu", show_default=True,
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Engine directory to write.")
-@click.option("--score", type=click.Choice(["max_softmax", "entropy"]), help="Exit score (default: the method's).")
+@click.option("--score", type=click.Choice(["max_softmax", "entropy"]),
+              help="Exit score (default: the method's; MuE's is cosine and takes none).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against PyTorch on real test inputs.")
-@click.option("--parity-samples", default=256, show_default=True, help="Test images used for the parity check.")
-@click.option("--opset", default=18, show_default=True)
+@click.option("--parity-samples", default=256, show_default=True, help="Test examples used for the parity check.")
+@click.option("--opset", type=int, help="ONNX opset (default: the family's: 18 classification, 17 MuE).")
 @click.option("--check-trt", is_flag=True, help="Also lint every graph for TensorRT (no TensorRT needed).")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
 @_friendly_errors
-def export(run_dir: str, out: str, score: str | None, no_check: bool, parity_samples: int, opset: int,
+def export(run_dir: str, out: str, score: str | None, no_check: bool, parity_samples: int, opset: int | None,
            check_trt: bool, force: bool) -> None:
-    """Export a training run as per-stage ONNX graphs + deploykit.json, checked against PyTorch."""
-    from deploykit.export import export_run
+    """Export a training run as ONNX graphs + deploykit.json, checked against PyTorch."""
+    from deploykit.families import family_for_run
 
-    m = export_run(run_dir, out, score=score, check=not no_check, parity_samples=parity_samples, opset=opset,
-                   overwrite=force, check_trt=check_trt)
-    parity = m.provenance.get("parity")
-    click.echo(f"wrote {m.num_stages} stage graphs + full.onnx to {out}"
-               + (f"; parity on {parity['samples']} test images: predictions identical" if parity else ""))
+    r = family_for_run(run_dir).export(run_dir, out, score=score, check=not no_check, parity_samples=parity_samples,
+                                       opset=opset, overwrite=force, check_trt=check_trt)
+    click.echo(r.text)
 
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.option("--data", default="digits", show_default=True, help="digits or imagefolder:PATH (val + test splits).")
+@click.option("--data", help="Val + test data: digits (default) or imagefolder:PATH; MuE: synthetic-vl (default) or "
+                            "jsonl:PATH/{split}.jsonl.")
 @click.option("--max-drop", type=float, help="Allowed accuracy drop (points) vs full depth on val [default 0.5].")
 @click.option("--flops-budget", type=float, help="Instead: FLOPs budget as a fraction of the full model.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @_BACKEND
 @_friendly_errors
-def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: float | None, json_out: str | None,
-              backend: str) -> None:
+def calibrate(engine_dir: str, data: str | None, max_drop: float | None, flops_budget: float | None,
+              json_out: str | None, backend: str) -> None:
     """Pick exit thresholds on the validation split, write them to the manifest, evaluate on test."""
-    from deploykit.tune.calibrate import calibrate as run_calibration
-
-    r = run_calibration(engine_dir, data=data, max_drop=max_drop, flops_budget=flops_budget, json_out=json_out,
-                        backend=backend)
-    if "tasks" in r:  # MuE engine: per-task thresholds
-        _echo_json({t: {"thresholds": v["thresholds"], "test": v["test"]} for t, v in r["tasks"].items()})
-        return
-    t = r["test"]
-    click.echo(f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: full "
-               f"{100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}% at "
-               f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits {[round(f, 3) for f in t['exit_fractions']]}")
+    family, manifest = _engine(engine_dir)
+    r = family.calibrate(manifest, data=data, max_drop=max_drop, flops_budget=flops_budget, json_out=json_out,
+                         backend=backend)
+    click.echo(r.text)
 
 
 @main.command()
@@ -137,7 +140,8 @@ def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: 
 @click.option("--batch-sizes", default="1,32", show_default=True, callback=_csv(int))
 @click.option("--exit-fractions", callback=_csv(float), help="Fix the exit distribution, e.g. 0.4,0.3,0.2,0.1.")
 @click.option("--checkpoint", type=click.Path(file_okay=False), help="Run directory: adds PyTorch eager.")
-@click.option("--data", help="Use this data source's test split as inputs (default: random inputs).")
+@click.option("--data", help="Use this data source's test split as inputs (default: random inputs; MuE: the "
+                            "synthetic-vl scenes).")
 @click.option("--samples", default=64, show_default=True, help="Inputs per timed pass.")
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--warmup", default=2, show_default=True)
@@ -150,13 +154,12 @@ def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: 
 def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] | None, checkpoint: str | None,
           data: str | None, samples: int, repeats: int, warmup: int, threads: int | None, json_out: str | None,
           compare: str | None, backend: str) -> None:
-    """Time monolithic, exit-less chain, cascade (and PyTorch eager) side by side; report speed-ups."""
-    from deploykit.tune.bench import bench as run_bench
-
-    r = run_bench(engine_dir, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
-                  data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
-                  backend=backend, progress=True, compare=compare)
-    _echo_json({"runs": r["runs"], **({"plot": r["plot"]} if "plot" in r else {})})
+    """Time the engine side by side with its references (monolithic / full depth, PyTorch eager); report speed-ups."""
+    family, manifest = _engine(engine_dir)
+    r = family.bench(manifest, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
+                     data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
+                     backend=backend, progress=True, compare=compare)
+    click.echo(r.text)
 
 
 @main.command()
@@ -164,20 +167,17 @@ def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] |
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="INT8 engine directory.")
 @click.option("--mode", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
               help="dynamic: ORT CPU only; static: calibrated QDQ graphs (ORT CPU and TensorRT).")
-@click.option("--calib-data", default="digits", show_default=True, help="Static: digits or imagefolder:PATH (train).")
-@click.option("--calib-samples", default=256, show_default=True, type=int, help="Static: calibration images.")
+@click.option("--calib-data", help="Static: digits (default) or imagefolder:PATH (train split).")
+@click.option("--calib-samples", type=int, help="Static: calibration images [default: 256].")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory at --out.")
 @_friendly_errors
-def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_samples: int, force: bool) -> None:
+def quantize(engine_dir: str, out: str, mode: str, calib_data: str | None, calib_samples: int | None,
+             force: bool) -> None:
     """Write an INT8 copy of ENGINE_DIR (exit heads and scores stay FP32); re-run calibrate on it afterwards."""
-    from deploykit.graphs.quantize import quantize as run_quantize
-
-    m = run_quantize(engine_dir, out, mode=mode, calib_data=calib_data, calib_samples=calib_samples,
-                     overwrite=force)
-    q = m.extra["quantization"]
-    n = sum(len(g["quantized_nodes"]) for g in q["graphs"].values())
-    click.echo(f"wrote {m.num_stages} {m.stages[0].precision} stage graphs + full.onnx to {out} ({n} nodes INT8, "
-               f"exit heads FP32); thresholds are stale: run `deploykit calibrate {out}`")
+    family, manifest = _engine(engine_dir)
+    r = family.quantize(manifest, out, mode=mode, calib_data=calib_data, calib_samples=calib_samples,
+                        overwrite=force)
+    click.echo(r.text)
 
 
 @main.command()
@@ -191,10 +191,9 @@ def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_sample
 def predict(engine_dir: str, images: tuple[str, ...], thresholds: list[float] | None, texts: tuple[str, ...],
             task: str | None, backend: str) -> None:
     """Classify image files (or, for MuE engines, answer / caption them); one JSON line per image."""
-    from deploykit.tune.predict import predict as run_predict
-
-    for r in run_predict(engine_dir, list(images), backend=backend, thresholds=thresholds,
-                         texts=list(texts) or None, task=task):
+    family, manifest = _engine(engine_dir)
+    for r in family.predict(manifest, list(images), backend=backend, thresholds=thresholds,
+                            texts=list(texts) or None, task=task):
         click.echo(json.dumps(r))
 
 
@@ -214,29 +213,21 @@ def samples(data: str, split: str, count: int, out: str) -> None:
 
 @main.command("methods")
 def methods_cmd() -> None:
-    """List the registered methods."""
+    """List the registered methods and the family each belongs to."""
+    from deploykit.families import family_for_method
     from deploykit.methods import get_method, list_methods
 
     for name in list_methods():
-        click.echo(f"{name:12s} {get_method(name).description}")
+        click.echo(f"{name:12s} [{family_for_method(name).name}] {get_method(name).description}")
 
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @_friendly_errors
 def info(engine_dir: str) -> None:
-    """Show an engine directory's manifest summary (stages, FLOPs, thresholds, calibration)."""
-    from deploykit.manifest import Manifest
-
-    m = Manifest.load(engine_dir)
-    click.echo(f"{m.name}: {m.method.get('name')} on {m.backbone.get('name')}, {m.num_classes} classes, task {m.task}")
-    for s, t in zip(m.stages, m.thresholds()):
-        click.echo(f"  stage {s.index}: {s.file} blocks {s.blocks[:1]}..{s.blocks[-1:]} {s.flops / 1e6:.1f} MFLOPs "
-                   f"+ head {s.exit_flops / 1e6:.2f} MFLOPs, threshold {t}")
-    if m.calibration:
-        t = m.calibration["test"]
-        click.echo(f"  calibrated: test cascade {100 * t['cascade_accuracy']:.2f}% at {100 * t['flops_ratio']:.1f}% "
-                   f"FLOPs (full {100 * t['full_accuracy']:.2f}%)")
+    """Show an engine directory's manifest summary (stages or MuE graphs, thresholds, calibration)."""
+    family, manifest = _engine(engine_dir)
+    click.echo(family.info(manifest))
 
 
 
@@ -275,9 +266,8 @@ def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_bat
 @_friendly_errors
 def lint(engine_dir: str, target: str, as_json: bool) -> None:
     """Check ENGINE_DIR's graphs against TensorRT's ONNX support, offline (no GPU or TensorRT needed)."""
-    from deploykit.graphs.trt_lint import lint_engine_dir
-
-    report = lint_engine_dir(engine_dir, target=target)
+    family, manifest = _engine(engine_dir)
+    report = family.lint(manifest, target=target)
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -294,13 +284,11 @@ def lint(engine_dir: str, target: str, as_json: bool) -> None:
 @click.option("--workspace", "workspace_mb", default=None, type=int, help="Builder workspace limit in MB.")
 @_friendly_errors
 def build(engine_dir: str, precision: str, max_batch: int, opt_batch: int | None, workspace_mb: int | None) -> None:
-    """Build one TensorRT engine per stage of ENGINE_DIR on this GPU (run on the target device)."""
-    from deploykit.graphs.trt_build import build_engines
-
-    record = build_engines(engine_dir, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
-                           workspace_mb=workspace_mb)
-    click.echo(f"built {precision} engines with TensorRT {record['version']} on {record['gpu']} "
-               f"(batch 1..{record['max_batch']}, opt {record['opt_batch']}) in {record['build_seconds']} s")
+    """Build one TensorRT engine per graph of ENGINE_DIR on this GPU (run on the target device)."""
+    family, manifest = _engine(engine_dir)
+    r = family.build(manifest, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
+                     workspace_mb=workspace_mb)
+    click.echo(r.text)
 
 
 # ---- Triton model repository (issue 9) -------------------------------------------------------------------------

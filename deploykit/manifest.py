@@ -198,10 +198,11 @@ class Manifest:
         return m
 
     def validate(self) -> None:
-        """Check internal consistency: stage order, state hand-over between stages, thresholds."""
-        if self.task == "classification":
-            if not self.stages:
-                raise ManifestError("manifest lists no stages; re-export the model")
+        """Check internal consistency: stage order, state hand-over between stages, thresholds, typed sections."""
+        from deploykit.manifest_sections import validate_sections
+
+        validate_sections(self)
+        if self.stages:
             for i, s in enumerate(self.stages):
                 if s.index != i:
                     raise ManifestError(f"stage {i} has index {s.index}; stages must be listed in order 0..K-1")
@@ -263,6 +264,11 @@ class Manifest:
                 raise ManifestError(
                     f"{p} does not match the hash recorded in the manifest (file replaced or corrupt); re-export"
                 )
+
+
+def as_manifest(engine: str | os.PathLike | Manifest) -> Manifest:
+    """A loaded manifest as it is, or load the one of an engine directory (so a command reads it once)."""
+    return engine if isinstance(engine, Manifest) else Manifest.load(engine)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

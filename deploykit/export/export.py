@@ -17,7 +17,6 @@ import torch
 from deploykit.errors import ExportError
 from deploykit.export.graphs import FullGraph, StageGraph, stage_flops
 from deploykit.export.onnx_io import DEFAULT_OPSET, export_graph
-from deploykit.export.staging import staged_dir
 from deploykit.manifest import (
     BATCH_DIM,
     MANIFEST_NAME,
@@ -29,6 +28,7 @@ from deploykit.manifest import (
     file_sha256,
 )
 from deploykit.methods.base import ExitModel
+from deploykit.staging import staged_dir
 
 
 def _spec(name: str, t: torch.Tensor) -> TensorSpec:
@@ -164,12 +164,7 @@ def export_run(
     """
     from deploykit.data import stack_split
     from deploykit.train import load_run
-    from deploykit.train.checkpoint import read_config
 
-    if read_config(run_dir).get("method", {}).get("name") == "mue":
-        from deploykit.export.mue import export_mue
-
-        return export_mue(run_dir, out_dir, check=check)
     model, config = load_run(run_dir)
     run_dir = Path(run_dir)
     parity = None

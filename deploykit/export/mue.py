@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 from deploykit.data.vl import LABELS
 from deploykit.errors import ExportError
-from deploykit.manifest import ExitPolicy, Manifest, Preprocessing, file_sha256
+from deploykit.manifest import MANIFEST_NAME, ExitPolicy, Manifest, Preprocessing, file_sha256
 from deploykit.methods.mue.model import MuEModel, key_bias
-from deploykit.methods.mue.tokenizer import Vocab
+from deploykit.runtime.tokenizer import Vocab
+from deploykit.staging import staged_dir
 
 OPSET = 17
 B = "batch"
@@ -61,7 +62,7 @@ def _graphs(m: MuEModel) -> list[tuple[str, Any, list[str], list[str], dict[str,
     g.append(("enc_out", enc_out, ["img", "txt", "txt_mask"], ["enc_mask", *kv_names],
               {"img": {0: B}, "txt": {0: B, 1: "text"}, "txt_mask": {0: B, 1: "text"}, "enc_mask": {0: B, 1: "src"},
                **{n: {0: B, 2: "src"} for n in kv_names}}))
-    from deploykit.methods.mue.exits import cosine_per_sample
+    from deploykit.runtime.exit_rules import cosine_per_sample
 
     for j, layer in enumerate(m.dec):
         def step(x: Tensor, pk: Tensor, pv: Tensor, ck: Tensor, cv: Tensor, mk: Tensor, layer: Any = layer) -> Any:
@@ -141,16 +142,33 @@ def _spec(names: list[str], axes: dict[str, dict[int, str]], tensors: Any) -> li
 
 
 def export_mue(run_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bool = True,
-               n_check: int | None = None, thresholds: dict[str, dict[str, Any]] | None = None) -> Manifest:
-    """Export a MuE run directory to ``out_dir``; with ``check``, verify parity and record it in the manifest."""
-    import warnings
+               n_check: int | None = None, thresholds: dict[str, dict[str, Any]] | None = None,
+               opset: int = OPSET, overwrite: bool = True) -> Manifest:
+    """Export a MuE run directory to ``out_dir``; with ``check``, verify parity and record it in the manifest.
 
+    All or nothing, as the cascade's export: graphs go to a staging directory beside ``out_dir`` that replaces it
+    only when every graph exported and parity held; an existing engine is replaced only with ``overwrite``.
+    """
     from deploykit.methods.mue.train import load_mue_run
 
+    final = Path(out_dir)
+    if final.exists() and any(final.iterdir()):
+        if not (final / MANIFEST_NAME).exists():
+            raise ExportError(f"{final} exists and is not a deploykit engine directory; choose an empty or new path")
+        if not overwrite:
+            raise ExportError(f"{final} already holds an engine; pass overwrite=True (CLI: --force) to replace it")
     model, vocab, config = load_mue_run(run_dir)
-    cfg, out = model.cfg, Path(out_dir)
+    with staged_dir(final) as out:
+        _export_into(model, vocab, config, Path(run_dir), out, check, n_check, thresholds, opset)
+    return Manifest.load(final)
+
+
+def _export_into(model: MuEModel, vocab: Vocab, config: dict[str, Any], run_dir: Path, out: Path, check: bool,
+                 n_check: int | None, thresholds: dict[str, dict[str, Any]] | None, opset: int) -> Manifest:
+    import warnings
+
+    cfg = model.cfg
     model.requires_grad_(False)
-    out.mkdir(parents=True, exist_ok=True)
     graphs: dict[str, Any] = {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,7 +179,7 @@ def export_mue(run_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
             path = out / f"{name}.onnx"
             try:
                 torch.onnx.export(_Fn(fn, model), args, str(path), input_names=ins, output_names=outs,
-                                  dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+                                  dynamic_axes=axes, opset_version=opset, dynamo=False)
             except Exception as e:  # the exporter raises many types
                 raise ExportError(f"ONNX export of MuE graph {name!r} failed: {e}") from e
             graphs[name] = {"file": path.name, "inputs": _spec(ins, axes, args), "outputs": _spec(outs, axes, res),
@@ -179,8 +197,8 @@ def export_mue(run_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
         backbone={"name": "mue-unified-vl", "patch_embed": "timm.layers.PatchEmbed", "dim": cfg.dim},
         labels=list(LABELS), preprocessing=Preprocessing.from_dict(config["preprocessing"]), stages=[],
         exit_policy=ExitPolicy(score="cosine", thresholds=[]), task=task,
-        provenance={"torch": torch.__version__, "timm": timm.__version__, "opset": OPSET,
-                    "checkpoint_sha256": file_sha256(Path(run_dir) / "model.safetensors")},
+        provenance={"torch": torch.__version__, "timm": timm.__version__, "opset": opset,
+                    "checkpoint_sha256": file_sha256(run_dir / "model.safetensors")},
         extra={"mue": {"graphs": graphs, "tasks": tasks, "thresholds": thr, "kv_policy": cfg.kv_policy,
                        "vocab": "vocab.json", "answer_tokens": list(LABELS), "enc_layers": cfg.enc_layers,
                        "dec_layers": cfg.dec_layers, "heads": cfg.heads, "dim": cfg.dim,
@@ -206,8 +224,9 @@ def export_mue(run_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bo
 
 def check_parity(model: MuEModel, vocab: Vocab, engine_dir: Path, examples: list[Any]) -> dict[str, Any]:
     """Generated tokens of ORT (batched, compacted) vs the per-sample PyTorch reference, full depth and with exits."""
-    from deploykit.methods.mue.reference import Thresholds, reference_generate
+    from deploykit.methods.mue.reference import reference_generate
     from deploykit.methods.mue.train import image_array, preprocessing_of
+    from deploykit.runtime.exit_rules import Thresholds
     from deploykit.runtime.generation import MuEEngine
 
     engine = MuEEngine.from_dir(engine_dir)

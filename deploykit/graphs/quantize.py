@@ -14,9 +14,11 @@ calibrated on the FP32 graphs are copied but marked stale: run ``deploykit calib
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import ConfigError, DataError, ManifestError
-from deploykit.export.staging import staged_dir
-from deploykit.manifest import MANIFEST_NAME, Manifest, StageSpec, file_sha256
+from deploykit.manifest import MANIFEST_NAME, Manifest, as_manifest, file_sha256
+from deploykit.manifest_sections import GraphEntry, auxiliary_files, graph_entries
+from deploykit.staging import staged_dir
 
 MODES = ("dynamic", "static")
 CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
@@ -183,15 +186,14 @@ def _reader(feeds: list[dict[str, np.ndarray]]) -> Any:
 
 
 # ---- one graph --------------------------------------------------------------------------------------------------
-def quantize_graph(src: Path, dst: Path, spec: StageSpec, s: QuantSettings,
+def quantize_graph(src: Path, dst: Path, entry: GraphEntry, s: QuantSettings,
                    feeds: list[dict[str, np.ndarray]] | None) -> dict[str, Any]:
     """Quantise one graph, keeping its exit head and score FP32; returns what was kept and quantised."""
     import onnx
 
     model = onnx.load(str(src))
-    state = [t.name for t in spec.outputs] if spec.exit_score else []
-    exits = [n for n in (spec.exit_logits, spec.exit_score) if n]
-    head = exit_head_nodes(model, state, exits)
+    exits = list(entry.exit_outputs)
+    head = exit_head_nodes(model, list(entry.state_outputs), exits) if exits else []
     attention = activation_matmuls(model)
     gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
     # quantize_dynamic rewrites every Gemm as <name>_MatMul + <name>_Add before it reads nodes_to_exclude
@@ -231,11 +233,12 @@ def _run_quantizer(model: Any, dst: Path, s: QuantSettings, feeds: list[dict[str
 # ---- the engine directory ---------------------------------------------------------------------------------------
 def is_quantized(manifest: Manifest) -> bool:
     """Whether an engine directory's graphs are already INT8."""
-    return "quantization" in manifest.extra or any(s.precision.startswith("int8") for s in manifest.stages)
+    return "quantization" in manifest.extra or any(str(e.get("precision", "fp32")).startswith("int8")
+                                                   for e in graph_entries(manifest))
 
 
 def quantize(
-        engine_dir: str | os.PathLike,
+        engine_dir: str | os.PathLike | Manifest,
         out_dir: str | os.PathLike,
         mode: str = "dynamic",
         calib_data: str | np.ndarray = "digits",
@@ -245,10 +248,14 @@ def quantize(
         batch_size: int = 32,
         overwrite: bool = False,
 ) -> Manifest:
-    """Write an INT8 copy of an exported engine directory: every stage and the monolithic graph quantised.
+    """Write an INT8 copy of an exported engine directory: every graph whose entry says so, quantised.
+
+    Which graphs (cascade stages and the monolithic graph; MuE's encoder layers, ``enc_out`` and decoder steps, with
+    embeddings and the output head copied FP32) and which outputs stay FP32 come from
+    :func:`deploykit.manifest_sections.graph_entries`, so this works for every family.
 
     Args:
-        engine_dir: FP32 engine directory (``deploykit export`` output).
+        engine_dir: FP32 engine directory (``deploykit export`` output), or its loaded manifest.
         out_dir: new engine directory (written atomically; refused if it holds something, unless ``overwrite``).
         mode: ``dynamic`` (ORT CPU only) or ``static`` (QDQ; ORT CPU and TensorRT).
         calib_data: static mode: ``digits``, ``imagefolder:PATH`` (its train split is used) or an array
@@ -266,14 +273,18 @@ def quantize(
     s = QuantSettings(mode, calib_data if isinstance(calib_data, str) else "array", int(calib_samples),
                       calibrate_method, per_channel, batch_size)
     s.validate()
-    src_dir, out = Path(engine_dir), Path(out_dir)
-    m = Manifest.load(src_dir)
-    if m.task != "classification":
-        raise ConfigError(f"{src_dir} holds a {m.task!r} model; quantize handles classification cascades only")
+    m = copy.deepcopy(as_manifest(engine_dir))
+    src_dir, out = Path(m.root), Path(out_dir)
+    entries = graph_entries(m)
     if is_quantized(m):
-        raise ConfigError(f"{src_dir} is already quantised ({m.stages[0].precision}); quantise the FP32 engine "
-                          "directory it came from (see its deploykit.json extra.quantization.source)")
-    m.check_files()
+        raise ConfigError(f"{src_dir} is already quantised; quantise the FP32 engine directory it came from (see "
+                          "its deploykit.json extra.quantization.source)")
+    if mode == "static" and not m.stages:
+        raise ConfigError("static quantisation calibrates stage graphs on images; this engine has none (use "
+                          "--mode dynamic)")
+    for e in entries:
+        if not m.path_of(e.file).exists():
+            raise ManifestError(f"graph file {m.path_of(e.file)} named by the manifest is missing; re-export the model")
     if out.resolve() == src_dir.resolve():
         raise ConfigError("the output directory must differ from ENGINE_DIR (the FP32 graphs are kept)")
     if out.exists() and any(out.iterdir()):
@@ -292,13 +303,17 @@ def quantize(
     started = time.time()
     with staged_dir(out) as tmp:
         graphs: dict[str, Any] = {}
-        specs = list(m.stages) + ([m.monolithic] if m.monolithic else [])
-        for i, spec in enumerate(specs):
+        for i, e in enumerate(entries):
+            e.set("trt", None)  # plans of the FP32 graphs don't belong to these
+            if not e.quantize:
+                shutil.copyfile(m.path_of(e.file), tmp / e.file)
+                continue
             feeds = (per_stage[i] if i < len(m.stages) else mono_feeds) if mode == "static" else None
-            graphs[spec.file] = quantize_graph(m.path_of(spec.file), tmp / spec.file, spec, s, feeds)
-            spec.sha256 = file_sha256(tmp / spec.file)
-            spec.precision = PRECISION[mode]
-            spec.extra.pop("trt", None)  # plans of the FP32 graphs don't belong to these
+            graphs[e.file] = quantize_graph(m.path_of(e.file), tmp / e.file, e, s, feeds)
+            e.set("sha256", file_sha256(tmp / e.file))
+            e.set("precision", PRECISION[mode])
+        for f in auxiliary_files(m):
+            shutil.copyfile(m.path_of(f), tmp / f)
         m.extra.pop("trt", None)
         m.extra["quantization"] = {
             **asdict(s), "calib_samples": n_calib if mode == "static" else 0, "calib_split": "train",

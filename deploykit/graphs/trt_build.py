@@ -61,7 +61,7 @@ def build_engines(
         strongly_typed: bool | None = None,
         device_id: int = 0,
 ) -> dict[str, Any]:
-    """Build one TensorRT engine per stage graph (and the monolithic graph) of an exported engine directory.
+    """Build one TensorRT engine per graph of an exported engine directory (any family: ``graph_entries``).
 
     Every input gets one optimisation profile over the batch axis (min 1, opt, max) and over the named dynamic
     axes the manifest declares in ``extra["dynamic_axes"]`` (:func:`profile_shapes`); all builds share a timing
@@ -73,6 +73,7 @@ def build_engines(
     """
     from deploykit.graphs.trt_lint import axis_ranges_of, lint_engine_dir
     from deploykit.manifest import Manifest, file_sha256
+    from deploykit.manifest_sections import graph_entries
 
     settings = BuildSettings(precision, max_batch, opt_batch, workspace_mb, strongly_typed)
     settings.validate()
@@ -80,10 +81,8 @@ def build_engines(
     if not root.is_dir():
         raise ManifestError(f"engine directory {root} does not exist; run `deploykit export RUN_DIR -o {root}` first")
     manifest = Manifest.load(root)
-    if manifest.task.startswith("vl"):  # MuE graphs live in extra.mue, not stages: nothing would be built
-        raise EngineError(f"{root} is a MuE engine; `deploykit build` builds stage engines only so far (the MuE "
-                          "graphs' profile ranges are declared and linted, see docs/jetson.md) — use --backend ort-cpu")
-    manifest.check_files()
+    entries = graph_entries(manifest)
+    plan_profiles(manifest, settings)  # every graph's profile is decidable before TensorRT is needed
     trt = require("tensorrt", "gpu")
     major = trt_major(trt.__version__)
     here = device_info(device_id)
@@ -100,22 +99,21 @@ def build_engines(
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = root / TIMING_CACHE
     cache_bytes = cache_path.read_bytes() if cache_path.exists() else b""
-    specs = list(manifest.stages) + ([manifest.monolithic] if manifest.monolithic else [])
     started = time.time()
-    for spec in specs:
-        onnx_path = manifest.path_of(spec.file)
+    for entry in entries:
+        onnx_path = manifest.path_of(entry.file)
         source = onnx_path
         if settings.precision == "fp16" and strong:
             from deploykit.graphs.fp16 import convert_file
 
             source = onnx_path.with_name(f"{onnx_path.stem}.fp16.onnx")
-            convert_file(onnx_path, source, keep_outputs=(spec.exit_score,) if spec.exit_score else ())
+            convert_file(onnx_path, source, keep_outputs=tuple(entry.score_outputs))
         plan_path = onnx_path.with_suffix(PLAN_SUFFIX)
         plan, profile, cache_bytes = _build_one(trt, logger, source, settings, strong, cache_bytes, axis_ranges)
         plan_path.write_bytes(plan)
-        spec.extra["trt"] = {"engine": plan_path.name, "source": source.name,
-                             "precision": f"int8+{settings.precision}" if settings.int8_qdq else settings.precision,
-                             "sha256": file_sha256(plan_path), "profile": profile}
+        entry.set("trt", {"engine": plan_path.name, "source": source.name,
+                          "precision": f"int8+{settings.precision}" if settings.int8_qdq else settings.precision,
+                          "sha256": file_sha256(plan_path), "profile": profile})
         log.info("built %s (%s, %.1f MB)", plan_path.name, settings.precision, len(plan) / 2**20)
     cache_path.write_bytes(cache_bytes)
     record = {**here, "precision": settings.precision, "strongly_typed": strong, "max_batch": settings.max_batch,
@@ -129,9 +127,34 @@ def build_engines(
     return record
 
 
+def plan_profiles(manifest: Any, settings: BuildSettings) -> dict[str, dict[str, list[list[int]]]]:
+    """Every graph's optimisation profile ``{graph file: {input: [min, opt, max]}}``, without TensorRT.
+
+    The batch axis takes ``1..max_batch`` (opt ``settings.opt``); named axes take the manifest's declared ranges
+    (MuE's ``text`` / ``seq`` / ``src`` / ``past`` / ``prompt``). An undeclared dynamic axis is an EngineError here,
+    before any build starts.
+    """
+    from deploykit.graphs.trt_lint import axis_ranges_of
+    from deploykit.manifest_sections import graph_entries
+
+    ranges = axis_ranges_of(manifest.extra)
+    out = {}
+    for e in graph_entries(manifest):
+        path = manifest.path_of(e.file)
+        if not path.exists():
+            raise ManifestError(f"graph file {path} named by the manifest is missing; re-export the model")
+        try:
+            out[e.file] = profile_shapes(onnx_input_specs(path), (1, settings.opt, settings.max_batch), ranges)
+        except EngineError as err:
+            raise EngineError(f"{e.file}: {err}") from err
+    return out
+
+
 def is_qdq_manifest(manifest: Any) -> bool:
     """Whether an engine directory holds static INT8 QDQ graphs (``deploykit quantize --mode static``)."""
-    return any(spec.precision == "int8-static" for spec in manifest.stages)
+    from deploykit.manifest_sections import graph_entries
+
+    return any(e.get("precision") == "int8-static" for e in graph_entries(manifest))
 
 
 def onnx_input_specs(onnx_path: str | os.PathLike) -> list[tuple[str, list[int | str]]]:

@@ -428,18 +428,19 @@ def _describe(cls: str) -> str:
 
 # ---- engine directories ---------------------------------------------------------------------------------------
 def engine_graphs(engine_dir: str | os.PathLike) -> list[Path]:
-    """The ONNX graphs the manifest of ``engine_dir`` names: every stage, then the monolithic graph."""
+    """The ONNX graphs the manifest of ``engine_dir`` names (every family: ``manifest_sections.graph_entries``)."""
     from deploykit.manifest import Manifest
+    from deploykit.manifest_sections import graph_entries
 
     root = Path(engine_dir)
     if not root.is_dir():
         raise ManifestError(f"engine directory {root} does not exist; run `deploykit export RUN_DIR -o {root}` first")
     m = Manifest.load(root)
-    if m.task.startswith("vl"):  # MuE engines list their graphs (stems, layers, decoder steps) in extra
-        return [m.path_of(g["file"]) for g in (m.extra.get("mue") or {}).get("graphs", {}).values()]
-    m.check_files()
-    specs = list(m.stages) + ([m.monolithic] if m.monolithic else [])
-    return [m.path_of(s.file) for s in specs]
+    paths = [m.path_of(e.file) for e in graph_entries(m)]
+    for p in paths:
+        if not p.exists():
+            raise ManifestError(f"graph file {p} named by the manifest is missing; re-export the model")
+    return paths
 
 
 def lint_engine_dir(engine_dir: str | os.PathLike, target: str = DEFAULT_TARGET) -> LintReport:

@@ -95,8 +95,6 @@ def train(
         overrides: dotted-key overrides (``{"train.epochs": 5}``; ``None`` values are skipped).
         sets: ``KEY=VALUE`` overrides, YAML-parsed.
     """
-    if _is_mue(recipe):
-        return _train_mue(recipe, out, resume, overrides, sets)
     recipe, run_dir, resuming = resolve_run(recipe, out, resume, overrides, sets)
     ctx = D.setup_distributed()
     try:
@@ -104,35 +102,6 @@ def train(
     finally:
         D.cleanup_distributed(ctx)
     return run_dir
-
-
-def _is_mue(recipe: Any) -> bool:
-    """MuE is an encoder-decoder with its own trainer (deploykit.methods.mue.train), not a ViT ExitModel."""
-    if isinstance(recipe, str | os.PathLike):
-        from deploykit.train.recipe import read_recipe_file
-
-        recipe = read_recipe_file(recipe)
-    return isinstance(recipe, dict) and isinstance(recipe.get("method"), dict) and recipe["method"].get("name") == "mue"
-
-
-def _train_mue(recipe: Any, out: Any, resume: Any, overrides: dict[str, Any] | None, sets: Any) -> Path:
-    import copy
-
-    from deploykit.methods.mue.train import train_mue
-    from deploykit.train.recipe import _set_dotted, read_recipe_file
-
-    if resume is not None:
-        raise ConfigError("MuE training does not resume yet; start a new run with --out")
-    d = copy.deepcopy(read_recipe_file(recipe) if isinstance(recipe, str | os.PathLike) else recipe)
-    unsupported = sorted(k for k, v in (overrides or {}).items() if v is not None and not k.startswith("data."))
-    if unsupported:
-        raise ConfigError(f"options {unsupported} don't apply to MuE recipes; use --set with the keys of "
-                          "recipes/mue-synthetic.yaml (e.g. --set train.steps=300)")
-    if (overrides or {}).get("data.spec"):
-        d.setdefault("data", {})["spec"] = overrides["data.spec"]
-    for item in sets or ():
-        _set_dotted(d, item)
-    return train_mue(d, Path(out) if out else Path("runs") / str(d.get("name", "mue")))
 
 
 def _run_config(recipe: Recipe, model: torch.nn.Module, labels: list[str]) -> dict[str, Any]:

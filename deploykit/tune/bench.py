@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import ConfigError
+from deploykit.manifest import Manifest, as_manifest
 from deploykit.runtime.cascade import Cascade, expected_flops_ratio
+from deploykit.runtime.engines import open_cascade
 
 
 def thresholds_for_fractions(scores: np.ndarray, fractions: list[float]) -> list[float | None]:
@@ -68,7 +70,7 @@ def _time_interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repea
 
 
 def bench(
-        engine_dir: str | os.PathLike,
+        engine_dir: str | os.PathLike | Manifest,
         batch_sizes: list[int] | tuple[int, ...] = (1, 32),
         exit_fractions: list[float] | None = None,
         checkpoint: str | os.PathLike | None = None,
@@ -88,12 +90,13 @@ def bench(
     """Measure the cascade against the monolithic graph, the exit-less chain and (optionally) PyTorch eager.
 
     Args:
-        engine_dir: exported engine directory.
+        engine_dir: exported engine directory, or its loaded manifest.
         batch_sizes: batch sizes to measure.
         exit_fractions: fix the exit distribution (e.g. ``[0.4, 0.3, 0.2, 0.1]``): thresholds are set from quantiles
             of the scores on the bench inputs, so speed can be measured on untrained weights. Default: the
             manifest's calibrated thresholds.
-        checkpoint: a training run directory; adds PyTorch eager (full model) to the comparison.
+        checkpoint: a training run directory: recorded in the report; pass its model as ``torch_model`` (the CLI
+            loads it through the run's family, so this module never imports training code).
         data: take inputs from this data source's test split (default: seeded random normal inputs).
         json_out: report path (JSON); the plot goes next to it unless ``plot_out`` is given.
         plot_out: PNG of the per-variant times and speed-ups.
@@ -112,26 +115,19 @@ def bench(
     """
     from deploykit.backends import create_runner
     from deploykit.backends.ort import default_threads
-    from deploykit.manifest import Manifest
 
-    if Manifest.load(engine_dir).task.startswith("vl"):
-        from deploykit.runtime.generation import bench_vl
-
-        report = bench_vl(engine_dir, n=samples, batch_size=max(batch_sizes), repeats=repeats, threads=threads)
-        if json_out is not None:
-            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-        return report
+    manifest = as_manifest(engine_dir)
+    engine_dir = manifest.root
     threads = threads or default_threads()
     runner_kwargs = {"threads": threads} if backend.startswith("ort") else {}
-    cascade = Cascade.from_dir(engine_dir, backend=backend, **runner_kwargs)
+    cascade = open_cascade(manifest, backend=backend, **runner_kwargs)
     m = cascade.manifest
     if m.monolithic is None:
         raise ConfigError(f"{engine_dir} has no monolithic graph to compare with; re-export the model")
     mono = create_runner(m.path_of(m.monolithic.file), backend, **runner_kwargs)
     if torch_model is None and checkpoint:
-        torch_model = _load_torch(checkpoint, threads)
-    elif torch_model is not None:
+        raise ConfigError("checkpoint needs its model: pass torch_model (the CLI loads it through the run's family)")
+    if torch_model is not None:
         import torch
 
         torch.set_num_threads(threads)
@@ -256,16 +252,6 @@ def _compare_run(cmp: dict[str, Any], batches: list[np.ndarray], per_batch: dict
             "throughput_cascade_per_s": bs / (per_batch["compare_cascade"] / 1000.0),
             "cascade_speedup_vs_compare": per_batch["compare_cascade"] / per_batch["cascade"],
             "monolithic_speedup_vs_compare": per_batch["compare_monolithic"] / per_batch["monolithic"]}
-
-
-def _load_torch(checkpoint: str | os.PathLike, threads: int) -> Any:
-    import torch
-
-    from deploykit.train import load_run
-
-    torch.set_num_threads(threads)
-    model, _ = load_run(checkpoint)
-    return model.eval()
 
 
 def _default_session(path: Any) -> Any:

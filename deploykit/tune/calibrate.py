@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from deploykit.manifest import Manifest, as_manifest
 from deploykit.runtime.cascade import Cascade, stage_costs
+from deploykit.runtime.engines import open_cascade
 from deploykit.tune.thresholds import choose, pareto_front, simulate, sweep
 
 DEFAULT_MAX_DROP = 0.5
@@ -24,7 +26,7 @@ def _exit_outputs(cascade: Cascade, x: np.ndarray, y: np.ndarray) -> tuple[np.nd
 
 
 def calibrate(
-        engine_dir: str | os.PathLike,
+        engine_dir: str | os.PathLike | Manifest,
         data: str = "digits",
         max_drop: float | None = None,
         flops_budget: float | None = None,
@@ -37,7 +39,7 @@ def calibrate(
     """Choose thresholds, write them into the manifest, and report validation and test figures.
 
     Args:
-        engine_dir: exported engine directory.
+        engine_dir: exported engine directory, or its loaded manifest (then it is not read again).
         data: data source (``digits`` or ``imagefolder:PATH``) with val and test splits.
         max_drop: allowed accuracy drop in points vs full depth on the validation split (default 0.5).
         flops_budget: alternatively, a FLOPs budget as a fraction of the full model; maximises accuracy within it.
@@ -48,16 +50,12 @@ def calibrate(
         levels: candidate thresholds per exit (default: about 40k combinations in all).
     """
     from deploykit.data import stack_split
-    from deploykit.manifest import Manifest
 
-    if Manifest.load(engine_dir).task.startswith("vl"):  # MuE: per-task, per-stream thresholds
-        from deploykit.tune.mue_calibrate import calibrate_mue
-
-        return calibrate_mue(engine_dir, data=None if data == "digits" else data, max_drop=max_drop,
-                             layer_budget=flops_budget, json_out=json_out, plot_out=plot_out, write=write)
+    manifest = as_manifest(engine_dir)
+    engine_dir = manifest.root
     if max_drop is None and flops_budget is None:
         max_drop = DEFAULT_MAX_DROP
-    with Cascade.from_dir(engine_dir, backend=backend) as cascade:
+    with open_cascade(manifest, backend=backend) as cascade:
         m = cascade.manifest
         pre = m.preprocessing.__dict__
         xv, yv = stack_split(data, "val", pre)

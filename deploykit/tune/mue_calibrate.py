@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import ConfigError, DataError
-from deploykit.methods.mue.exits import exits, layer_fraction
-from deploykit.methods.mue.reference import SampleResult, Thresholds
-from deploykit.methods.mue.tokenizer import Vocab
+from deploykit.manifest import Manifest, as_manifest
+from deploykit.runtime.exit_rules import SampleResult, Thresholds, exits, layer_fraction
+from deploykit.runtime.tokenizer import Vocab
 
 # allowed quality drop vs full depth on val, in points (accuracy % for entailment, BLEU-4 x 100 for captioning)
 DEFAULT_MAX_DROP = {"entailment": 1.0, "caption": 3.0}
@@ -106,7 +106,7 @@ class _Cache:
 
 
 def _quality(task: str, texts: list[str], rows: list[Any]) -> float:
-    from deploykit.methods.mue.metrics import corpus_bleu
+    from deploykit.runtime.bleu import corpus_bleu
 
     if task == "entailment":
         return float(np.mean([t == r.target for t, r in zip(texts, rows)]))
@@ -259,7 +259,7 @@ def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def calibrate_mue(engine_dir: str | os.PathLike, data: str | None = None,
+def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = None,
                   max_drop: float | dict[str, float] | None = None, layer_budget: float | None = None,
                   json_out: str | os.PathLike | None = None, plot_out: str | os.PathLike | None = None,
                   write: bool = True, tasks: list[str] | None = None, n_val: int | None = None,
@@ -269,7 +269,7 @@ def calibrate_mue(engine_dir: str | os.PathLike, data: str | None = None,
     """Choose per-task thresholds on val, write them into the manifest, and report val and test figures.
 
     Args:
-        engine_dir: exported MuE engine directory.
+        engine_dir: exported MuE engine directory, or its loaded manifest (then it is not read again).
         data: ``synthetic-vl`` (default; the SYNTHETIC scenes) or ``jsonl:PATH/{split}.jsonl``.
         max_drop: allowed drop vs full depth on val, in points: accuracy % (entailment), BLEU-4 x 100 (captioning).
             One number for both tasks, or a dict per task; default ``DEFAULT_MAX_DROP`` (1.0 / 3.0).
@@ -288,12 +288,10 @@ def calibrate_mue(engine_dir: str | os.PathLike, data: str | None = None,
             target.
         kv_policy: skipped decoder layers' KV (default: the engine's).
     """
-    from deploykit.manifest import Manifest
     from deploykit.runtime.generation import MuEEngine
 
-    manifest = Manifest.load(engine_dir)
-    if not manifest.task.startswith("vl"):
-        raise ConfigError(f"{engine_dir} is not a MuE engine; use deploykit.tune.calibrate.calibrate")
+    manifest = as_manifest(engine_dir)
+    engine_dir = manifest.root
     if layer_budget is not None and max_drop is not None:
         raise ConfigError("give max_drop or a layer budget, not both")
     drops = dict(DEFAULT_MAX_DROP)
@@ -302,7 +300,7 @@ def calibrate_mue(engine_dir: str | os.PathLike, data: str | None = None,
     elif max_drop is not None:
         drops = {t: float(max_drop) for t in drops}
     grid = grid or GRID
-    eng = MuEEngine.from_dir(engine_dir, threads)
+    eng = MuEEngine(manifest, threads)  # raises ConfigError for an engine without MuE graphs
     policy = kv_policy or eng.meta["kv_policy"]
     size = int(manifest.preprocessing.input_size[-1])
     report: dict[str, Any] = {"engine_dir": str(engine_dir), "data": data or "synthetic-vl",

@@ -8,42 +8,23 @@ from typing import Any
 import numpy as np
 
 from deploykit.data.preprocess import load_image, preprocess_image
-from deploykit.runtime.cascade import Cascade
+from deploykit.manifest import Manifest, as_manifest
+from deploykit.runtime.engines import open_cascade
 
 
 def predict(
-        engine_dir: str | os.PathLike,
+        engine_dir: str | os.PathLike | Manifest,
         images: list[str | os.PathLike],
         backend: str = "ort-cpu",
         thresholds: list[float | None] | None = None,
         batch_size: int = 32,
-        texts: list[str] | None = None,
-        task: str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify image files with the cascade; every image is decoded first, so a bad file fails before any work.
 
-    MuE (vision-language) engines answer instead: ``task`` ``entailment`` (one hypothesis in ``texts`` per image)
-    or ``caption``.
+    (Vision-language engines answer through their family: ``deploykit.families.family_for_manifest(m).predict``.)
     """
-    from deploykit.manifest import Manifest
-
-    manifest = Manifest.load(engine_dir)
-    if manifest.task.startswith("vl"):
-        from deploykit.runtime.generation import predict_vl
-
-        if thresholds is not None:
-            from deploykit.errors import ConfigError
-
-            raise ConfigError("--thresholds lists one threshold per cascade stage; MuE engines have per-task "
-                              "thresholds for the image stream, text stream and decoder: run `deploykit "
-                              f"calibrate {engine_dir}` to set them (stored in the manifest's extra.mue.thresholds)")
-
-        return predict_vl(engine_dir, list(images), texts, task or ("entailment" if texts else "caption"))
-    if texts or task:
-        from deploykit.errors import ConfigError
-
-        raise ConfigError("--text / --task apply to vision-language (MuE) engines; this is a classifier")
-    with Cascade.from_dir(engine_dir, backend=backend) as cascade:
+    manifest = as_manifest(engine_dir)
+    with open_cascade(manifest, backend=backend) as cascade:
         m = cascade.manifest
         arrays = [preprocess_image(load_image(p), m.preprocessing) for p in images]
         results: list[dict[str, Any]] = []

@@ -4,14 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from deploykit.families import get_family
 from deploykit.manifest import Manifest
 from deploykit.methods import ExitModel, create_backbone, create_method, list_methods
 
-NOT_VIT_EXIT_MODELS = {"mue"}  # MuE is an encoder-decoder with its own export path and tests (tests/mue)
+# the classification family's methods are ViT ExitModels; MuE (vl-generation) has its own tests (tests/mue)
+VIT_EXIT_MODELS = get_family("classification").methods
 PRE = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
 
 
-@pytest.mark.parametrize("name", [m for m in list_methods() if m not in NOT_VIT_EXIT_MODELS])
+@pytest.mark.parametrize("name", [m for m in list_methods() if m in VIT_EXIT_MODELS])
 def test_method_forward_export_parity(name, tmp_path):
     from deploykit.export import export_model
 

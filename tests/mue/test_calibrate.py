@@ -8,9 +8,9 @@ from click.testing import CliRunner
 
 from deploykit.errors import ConfigError
 from deploykit.manifest import Manifest
-from deploykit.methods.mue.reference import Thresholds
-from deploykit.tune import mue_calibrate as mc
+from deploykit.runtime.exit_rules import Thresholds
 from deploykit.runtime.generation import MuEEngine
+from deploykit.tune import mue_calibrate as mc
 
 SMALL = {"entailment": {"img": [None, 0.99, 0.9, 0.5], "txt": [None, 0.95, 0.5], "dec": [None, 0.95, 0.5]},
          "caption": {"img": [None, 0.99, 0.5], "txt": [None, 0.5], "dec": [None, 0.95, 0.5]}}
@@ -97,13 +97,14 @@ def test_calibrate_refuses_conflicting_objectives_and_unknown_data(engine_copy):
 def test_predict_with_thresholds_on_a_vl_engine_is_a_config_error(mue_engine, tmp_path):
     from deploykit.cli import main
     from deploykit.data.vl import synthetic_vl
-    from deploykit.tune.predict import predict
+    from deploykit.families import family_for_manifest
 
     root, _ = mue_engine
     img = tmp_path / "scene.png"
     synthetic_vl("test", n=1, size=32, tasks=("caption",))[0].image.save(img)
+    m = Manifest.load(root)
     with pytest.raises(ConfigError, match="calibrate"):
-        predict(root, [img], thresholds=[0.9], task="caption")
+        family_for_manifest(m).predict(m, [img], thresholds=[0.9], task="caption")
     r = CliRunner().invoke(main, ["predict", str(root), str(img), "--task", "caption", "--thresholds", "0.9"])
     assert r.exit_code != 0 and "calibrate" in r.output
     ok = CliRunner().invoke(main, ["predict", str(root), str(img), "--task", "caption"])

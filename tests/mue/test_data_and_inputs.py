@@ -6,8 +6,9 @@ import pytest
 
 from deploykit.data.vl import LABELS, read_vl_jsonl, synthetic_vl, write_vl_jsonl
 from deploykit.errors import DataError, DeployKitError
-from deploykit.methods.mue.tokenizer import TextTooLongError, UnknownTokenError, UnknownTokenWarning
-from deploykit.runtime.generation import MuEEngine, TaskNotSupportedError, bench_vl, predict_vl
+from deploykit.runtime.generation import MuEEngine, TaskNotSupportedError, predict_vl
+from deploykit.runtime.tokenizer import TextTooLongError, UnknownTokenError, UnknownTokenWarning
+from deploykit.tune.mue_bench import bench_vl
 
 
 def test_synthetic_is_deterministic_and_balanced():

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from deploykit.methods.mue.exits import cosine_per_sample, decoder_threshold, exits, layer_fraction
+from deploykit.runtime.exit_rules import cosine_per_sample, decoder_threshold, exits, layer_fraction
 
 
 def test_cosine_is_per_sample_frobenius_and_ignores_pads():

@@ -7,9 +7,9 @@ import torch
 
 from deploykit.data.vl import synthetic_vl
 from deploykit.manifest import Manifest
-from deploykit.methods.mue.exits import decoder_threshold
-from deploykit.methods.mue.reference import Thresholds, reference_generate
+from deploykit.methods.mue.reference import reference_generate
 from deploykit.methods.mue.train import load_mue_run
+from deploykit.runtime.exit_rules import Thresholds, decoder_threshold
 from deploykit.runtime.generation import MuEEngine
 
 

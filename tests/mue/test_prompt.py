@@ -7,10 +7,11 @@ from deploykit.data.vl import synthetic_vl
 from deploykit.manifest import Manifest
 from deploykit.methods.mue.config import MuEConfig
 from deploykit.methods.mue.model import key_bias
-from deploykit.methods.mue.reference import Thresholds, reference_generate
-from deploykit.methods.mue.tokenizer import Vocab
+from deploykit.methods.mue.reference import reference_generate
 from deploykit.methods.mue.train import load_mue_run, tensorize
+from deploykit.runtime.exit_rules import Thresholds
 from deploykit.runtime.generation import MuEEngine
+from deploykit.runtime.tokenizer import Vocab
 
 
 def _inputs(eng, task, n=16):

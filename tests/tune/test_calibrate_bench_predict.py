@@ -5,7 +5,6 @@ import pytest
 
 from deploykit.errors import DataError
 from deploykit.manifest import Manifest
-from deploykit.tune.bench import bench
 from deploykit.tune.calibrate import calibrate
 from deploykit.tune.predict import predict
 
@@ -47,8 +46,13 @@ def test_calibrate_on_wrong_data(engine_copy, tmp_path):
 
 
 def test_bench_report(trained_engine, trained_run, tmp_path):
-    r = bench(trained_engine, batch_sizes=[1, 8], exit_fractions=[0.4, 0.3, 0.2, 0.1], checkpoint=trained_run,
-              samples=16, warmup=1, repeats=1, json_out=tmp_path / "b.json")
+    from deploykit.families import get_family
+    from deploykit.manifest import Manifest
+
+    # --checkpoint's PyTorch model loads through the family (tune/ never imports training code)
+    r = get_family("classification").bench(
+        Manifest.load(trained_engine), batch_sizes=[1, 8], exit_fractions=[0.4, 0.3, 0.2, 0.1],
+        checkpoint=trained_run, samples=16, warmup=1, repeats=1, json_out=tmp_path / "b.json").data
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["runs"] == r["runs"]
     assert [run["batch_size"] for run in saved["runs"]] == [1, 8]

@@ -1,15 +1,29 @@
 """MuE: similarity-based multiple exiting for a unified vision-language encoder-decoder (arXiv 2211.11152).
 
-Kept out of the ViT method registry on purpose: the registry's builders return an ``ExitModel`` (a timm ViT cut
-into stages with exit heads, a classification task), which generic train / export / cascade code iterates over.
-MuE is a different model family (encoder-decoder, generation, no exit heads); the CLI dispatches to it by
-``method.name == "mue"`` (training) and ``manifest.task.startswith("vl")`` (predict / bench).
+Registered in the method registry like every method (``deploykit methods`` lists it; its settings are
+``MuEConfig``), but it is not a timm ViT cut into stages: it belongs to the ``vl-generation`` family
+(``deploykit.families``), which trains, exports and runs it; the classification trainer never builds it. Its exit
+rules and tokenizer live on the runtime side (``deploykit.runtime.exit_rules`` / ``tokenizer``) and are imported
+from there.
 """
 
-from deploykit.methods.mue.config import MuEConfig
-from deploykit.methods.mue.exits import cosine_per_sample, decoder_threshold, exits, layer_fraction
-from deploykit.methods.mue.model import MuEModel, layerwise_loss
-from deploykit.methods.mue.tokenizer import Vocab
+from typing import Any
 
-__all__ = ["MuEConfig", "MuEModel", "Vocab", "cosine_per_sample", "decoder_threshold", "exits", "layer_fraction",
-           "layerwise_loss"]
+from deploykit.errors import ConfigError
+from deploykit.methods._registry import register_method
+from deploykit.methods.mue.config import MuEConfig
+from deploykit.methods.mue.model import MuEModel, layerwise_loss
+from deploykit.runtime.exit_rules import cosine_per_sample, decoder_threshold, exits, layer_fraction
+from deploykit.runtime.tokenizer import Vocab
+
+
+@register_method("mue", MuEConfig, "MuE: unified VL encoder-decoder, per-stream and per-token similarity exits")
+def build_mue(backbone: Any, vocab_size: int, cfg: MuEConfig) -> MuEModel:
+    """MuE builds its own encoder-decoder (timm's PatchEmbed stem inside); ``vocab_size`` plays num_classes' part."""
+    if backbone is not None:
+        raise ConfigError("mue builds its own encoder-decoder; it takes no timm backbone (remove backbone.name)")
+    return MuEModel(cfg, vocab_size)
+
+
+__all__ = ["MuEConfig", "MuEModel", "Vocab", "build_mue", "cosine_per_sample", "decoder_threshold", "exits",
+           "layer_fraction", "layerwise_loss"]

@@ -80,3 +80,121 @@ class MuEConfig:
         cfg = cls(**{k: v for k, v in d.items() if k in known and v is not None})
         cfg.validate()
         return cfg
+
+
+def _typed(cls: type, d: Any, where: str) -> Any:
+    """Build a settings dataclass from a recipe block, refusing unknown keys and values of the wrong type."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"mue recipe: {where} must be a mapping, got {d!r}")
+    known = cls.__dataclass_fields__
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"mue recipe: unknown key(s) {unknown} in {where}; valid keys: {', '.join(known)}")
+    out = cls(**{k: v for k, v in d.items() if v is not None or k in cls.NULLABLE})
+    for k, f in known.items():
+        v = getattr(out, k)
+        kind = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(str(f.type).split(" ")[0])
+        if isinstance(v, str) and kind == (int, float):  # YAML 1.1 reads 3e-3 as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+            setattr(out, k, v)
+        if v is not None and kind is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
+            raise ConfigError(f"mue recipe: {where}.{k} must be {f.type}, got {v!r}")
+    out.validate()
+    return out
+
+
+@dataclass
+class MuETrainSettings:
+    """MuE's ``train:`` block (single-stage training; see ``deploykit.methods.mue.train``).
+
+    ``steps`` sets the schedule's length; ``max_steps`` (``deploykit train --max-steps``) stops early without
+    changing the schedule, as for the classification recipes.
+    """
+
+    steps: int = 2500
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    seed: int = 0
+    eval_every: int = 500
+    threads: int | None = None
+    verbose: bool = False
+    loss_norm: str = "token"
+    entailment_share: float | None = None
+    stream_depth_drop: float = 0.0
+
+    NULLABLE = ("max_steps", "threads", "entailment_share")
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, "train.steps must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1 or null"),
+            (self.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.lr > 0, "train.lr must be > 0"),
+            (self.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (self.warmup >= 1, "train.warmup must be >= 1 (steps)"),
+            (self.eval_every >= 1, "train.eval_every must be >= 1"),
+            (self.threads is None or self.threads >= 1, "train.threads must be >= 1 or null"),
+            (self.loss_norm in ("token", "sample"), "train.loss_norm must be 'token' or 'sample'"),
+            (self.entailment_share is None or 0.0 <= self.entailment_share <= 1.0,
+             "train.entailment_share must be in [0, 1] (the entailment rows of each batch)"),
+            (0.0 <= self.stream_depth_drop <= 1.0,
+             "train.stream_depth_drop must be in [0, 1] (per-sample, per-stream probability)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"mue recipe: {msg}; got {asdict(self)}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> MuETrainSettings:
+        return _typed(cls, d, "train")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MuEDataSpec:
+    """MuE's ``data:`` block: ``synthetic-vl`` (sizes per split, seed) or ``jsonl:PATH/{split}.jsonl``."""
+
+    spec: str = "synthetic-vl"
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    seed: int = 0
+
+    NULLABLE = ("n_train", "n_val", "n_test")
+
+    def validate(self) -> None:
+        if self.spec != "synthetic-vl" and not self.spec.startswith("jsonl:"):
+            raise ConfigError(f"unknown MuE data spec {self.spec!r}; use 'synthetic-vl' or 'jsonl:PATH' "
+                              "(PATH may hold {split})")
+        for k in self.NULLABLE:
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"mue recipe: data.{k} must be >= 1 or null, got {v}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> MuEDataSpec:
+        return _typed(cls, d, "data")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RECIPE_KEYS = ("name", "method", "data", "train")
+
+
+def check_recipe_keys(recipe: dict[str, Any]) -> None:
+    """A MuE recipe has name / method / data / train; a ``backbone:`` (timm ViT) block doesn't apply."""
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS) - {"labels", "preprocessing"})
+    if unknown:
+        raise ConfigError(f"mue recipe: unknown key(s) {unknown}; valid keys: {', '.join(RECIPE_KEYS)} "
+                          "(MuE builds its own encoder-decoder: no backbone block)")

@@ -16,7 +16,7 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from deploykit.methods.mue.config import MuEConfig
-from deploykit.methods.mue.exits import cosine_per_sample
+from deploykit.runtime.exit_rules import cosine_per_sample
 
 NEG = -1e4  # additive attention bias for masked keys (finite: a fully masked row can't produce NaN)
 

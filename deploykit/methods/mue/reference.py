@@ -6,37 +6,11 @@ a real check of both. Decisions are per sample because every call holds a single
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from deploykit.methods.mue.exits import cosine_per_sample, decoder_threshold, exits
 from deploykit.methods.mue.model import MuEModel, key_bias
-from deploykit.methods.mue.tokenizer import Vocab
-
-
-@dataclass
-class Thresholds:
-    """Exit thresholds of one task; ``None`` disables that exit (full depth)."""
-
-    img: float | None = None
-    txt: float | None = None
-    dec: float | None = None
-    decay: bool = False
-
-    @classmethod
-    def full_depth(cls) -> Thresholds:
-        return cls()
-
-
-@dataclass
-class SampleResult:
-    """Generated ids and the layers each part used."""
-
-    tokens: list[int]
-    img_layers: int
-    txt_layers: int
-    dec_layers: list[int] = field(default_factory=list)
+from deploykit.runtime.exit_rules import SampleResult, Thresholds, cosine_per_sample, decoder_threshold, exits
+from deploykit.runtime.tokenizer import Vocab
 
 
 def _stream(model: MuEModel, x: torch.Tensor, mask: torch.Tensor, thr: float | None) -> tuple[torch.Tensor, int]:

@@ -23,13 +23,11 @@ from torch import Tensor
 from deploykit.data.preprocess import load_image, preprocess_image
 from deploykit.data.vl import LABELS, VLExample, read_vl_jsonl, synthetic_vl
 from deploykit.errors import CheckpointError, ConfigError, DataError
-from deploykit.methods.mue.config import MuEConfig
+from deploykit.methods.mue.config import MuEConfig, MuEDataSpec, MuETrainSettings, check_recipe_keys
 from deploykit.methods.mue.model import MuEModel, layerwise_loss
-from deploykit.methods.mue.tokenizer import Vocab
+from deploykit.runtime.tokenizer import Vocab
 
-DEFAULT_TRAIN = {"steps": 2500, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.01, "warmup": 100, "seed": 0,
-                 "eval_every": 500, "threads": None,
-                 "verbose": False, "loss_norm": "token", "entailment_share": None, "stream_depth_drop": 0.0}
+DEFAULT_TRAIN = MuETrainSettings().to_dict()
 
 
 def draw_stream_depths(n: int, enc_layers: int, p: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -126,18 +124,18 @@ def evaluate(model: MuEModel, t: dict[str, torch.Tensor], vocab: Vocab, bs: int 
 
 def train_mue(recipe: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """Train MuE per ``recipe`` (keys ``name``, ``method``, ``data``, ``train``) into ``out_dir``; returns it."""
-    method = dict(recipe.get("method", {}))
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"a MuE recipe must be a mapping, got {type(recipe).__name__}")
+    check_recipe_keys(recipe)
+    method = dict(recipe.get("method") or {})
     if method.pop("name", "mue") != "mue":
         raise ConfigError("train_mue needs a recipe with method.name == 'mue'")
     cfg = MuEConfig.from_dict(method)
-    tr = {**DEFAULT_TRAIN, **recipe.get("train", {})}
-    data = dict(recipe.get("data", {"spec": "synthetic-vl"}))
-    share = tr.get("entailment_share")
-    if share is not None and not 0.0 <= float(share) <= 1.0:
-        raise ConfigError(f"train.entailment_share {share} must be in [0, 1] (the entailment rows of each batch)")
-    sdd = float(tr.get("stream_depth_drop") or 0.0)
-    if not 0.0 <= sdd <= 1.0:
-        raise ConfigError(f"train.stream_depth_drop {sdd} must be in [0, 1] (per-sample, per-stream probability)")
+    settings = MuETrainSettings.from_dict(recipe.get("train"))
+    data_spec = MuEDataSpec.from_dict(recipe.get("data"))
+    tr, data = settings.to_dict(), data_spec.to_dict()
+    share = settings.entailment_share
+    sdd = settings.stream_depth_drop
     if tr["threads"]:
         torch.set_num_threads(int(tr["threads"]))
     torch.manual_seed(int(tr["seed"]))
@@ -161,7 +159,8 @@ def train_mue(recipe: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     pools = [torch.nonzero(tt["is_ve"]).flatten(), torch.nonzero(~tt["is_ve"]).flatten()]
     if share is not None and not all(len(p) for p in pools):
         raise ConfigError("train.entailment_share needs both tasks in the training data")
-    for step in range(steps):
+    stop = min(steps, settings.max_steps or steps)  # --max-steps: stop early, the schedule keeps its length
+    for step in range(stop):
         if share is not None:  # a fixed task mix per batch (rows drawn with replacement from each task)
             k = int(round(float(share) * bs))
             idx = torch.cat([p[torch.randint(len(p), (m,), generator=gen)] for p, m in zip(pools, (k, bs - k))])
@@ -181,7 +180,7 @@ def train_mue(recipe: dict[str, Any], out_dir: str | os.PathLike) -> Path:
         sched.step()
         if tr.get("verbose") and (step + 1) % 50 == 0:
             print(f"step {step + 1}/{steps} loss {float(loss.detach()):.3f} ({time.time() - t0:.0f}s)", flush=True)
-        if (step + 1) % int(tr["eval_every"]) == 0 or step + 1 == steps:
+        if (step + 1) % int(tr["eval_every"]) == 0 or step + 1 == stop:
             rec = {"step": step + 1, "loss": float(loss.detach()), "loss_layers": parts,
                    "time_s": round(time.time() - t0, 1), **evaluate(model, tv, vocab)}
             log.write(json.dumps(rec) + "\n")

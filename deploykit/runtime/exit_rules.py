@@ -1,5 +1,8 @@
 """MuE exit rules as pure functions (torch or numpy arrays alike), so PyTorch, the export and the runtime agree.
 
+They live on the runtime side (plain Python + duck-typed arrays, no torch import) so that ``runtime/generation.py``
+needs only numpy and ONNX Runtime; ``deploykit.methods.mue`` imports them from here.
+
 Reference (OFA ``feature/MuE``): one cosine over the whole flattened ``T x B x C`` tensor, one decision per forward
 call. deploykit decides **per sample**: the cosine is taken over each row's own tokens (padding excluded), so a
 sample's exit never depends on what else is in the batch.
@@ -8,6 +11,7 @@ sample's exit never depends on what else is in the batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -58,3 +62,27 @@ def layer_fraction(img_layers: float, txt_layers: float, dec_layers: list[int], 
     """
     full = 2 * n_enc + len(dec_layers) * n_dec
     return (img_layers + txt_layers + sum(dec_layers)) / full
+
+
+@dataclass
+class Thresholds:
+    """Exit thresholds of one task; ``None`` disables that exit (full depth)."""
+
+    img: float | None = None
+    txt: float | None = None
+    dec: float | None = None
+    decay: bool = False
+
+    @classmethod
+    def full_depth(cls) -> Thresholds:
+        return cls()
+
+
+@dataclass
+class SampleResult:
+    """Generated ids and the layers each part used."""
+
+    tokens: list[int]
+    img_layers: int
+    txt_layers: int
+    dec_layers: list[int] = field(default_factory=list)
