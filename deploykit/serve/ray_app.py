@@ -236,29 +236,18 @@ class Ingress:
 
     async def cascade(self, x: np.ndarray, thr: list[float | None]) -> dict[str, np.ndarray]:
         """Call the stages in turn; rows whose score reaches their stage's threshold leave, the rest go on."""
-        from deploykit.runtime.cascade import softmax
+        from deploykit.runtime.exit_step import ExitState
 
-        n, last = len(x), self.manifest.num_stages - 1
-        logits = np.empty((n, self.manifest.num_classes), dtype=np.float32)
-        score = np.empty(n, dtype=np.float32)
-        exit_stage = np.full(n, -1, dtype=np.int64)
-        rows = np.arange(n)
+        last = self.manifest.num_stages - 1
+        state = ExitState(len(x), self.manifest.num_classes)
         feeds: dict[str, np.ndarray] = {self.info.input_name: np.ascontiguousarray(x)}
         for k, spec in enumerate(self.manifest.stages):
             res = await self.stages[k].remote(feeds)
-            s = np.asarray(res[spec.exit_score], dtype=np.float32).reshape(-1)
-            done = np.ones(len(rows), bool) if k == last else (
-                np.zeros(len(rows), bool) if thr[k] is None else s >= thr[k])
-            where = np.flatnonzero(done)
-            logits[rows[where]] = res[spec.exit_logits][where]
-            score[rows[where]] = s[where]
-            exit_stage[rows[where]] = k
-            if done.all():
+            keep = state.step(k, res[spec.exit_score], thr[k], k == last, res[spec.exit_logits])
+            if keep is None:
                 break
-            keep = np.flatnonzero(~done)
             feeds = {t.name: np.ascontiguousarray(res[t.name][keep]) for t in spec.outputs}
-            rows = rows[keep]
-        return {"probs": softmax(logits), "exit_stage": exit_stage, "score": score}
+        return {"probs": state.probs(), "exit_stage": state.exit_stage, "score": state.score}
 
 
 def _error(status: int, message: str) -> Response:

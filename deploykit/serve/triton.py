@@ -4,7 +4,7 @@ Layout (``REPO``)::
 
     <name>_stage<k>/config.pbtxt, 1/model.onnx | 1/model.plan   one per stage, dynamic batching
                                   (--backend python: 1/model.onnx + 1/model.py, a Python-backend ORT stage)
-    <name>/config.pbtxt, 1/model.py, 1/cascade.json              Python-backend BLS model: the cascade
+    <name>/config.pbtxt, 1/model.py, 1/exit_step.py, 1/cascade.json   Python-backend BLS model: the cascade
 
 Ensembles can't express the data-dependent exit (see docs/scaling.md), so the cascade is a BLS model whose logic
 is :func:`deploykit.serve.triton_model.run_cascade`. The config text is written by hand (no tritonclient needed to
@@ -89,6 +89,7 @@ def export_triton(engine_dir: str | os.PathLike, out: str | os.PathLike, backend
     d = out / name / "1"
     d.mkdir(parents=True, exist_ok=True)
     (d / "model.py").write_text(resources.files("deploykit.serve").joinpath("triton_model.py").read_text())
+    (d / "exit_step.py").write_text(resources.files("deploykit.runtime").joinpath("exit_step.py").read_text())
     spec = {"input": m.input_spec.name, "num_classes": m.num_classes, "labels": m.labels,
             "thresholds": m.thresholds(), "stages": stages, "source": m.name}
     (d / "cascade.json").write_text(json.dumps(spec, indent=2) + "\n")
