@@ -23,6 +23,7 @@ from typing import Any
 
 from deploykit.errors import ConfigError
 from deploykit.manifest import Manifest
+from deploykit.serve.models import check_frontend
 from deploykit.serve.sizing import replica_split
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
@@ -52,8 +53,7 @@ def export_triton(engine_dir: str | os.PathLike, out: str | os.PathLike, backend
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     m = Manifest.load(engine_dir)
-    if m.task != "classification":
-        raise ConfigError(f"export-triton handles classification cascades; {engine_dir} holds a {m.task!r} model")
+    check_frontend(m, "export-triton")
     trt = m.extra.get("trt") or {}
     if backend == "tensorrt" and not all("trt" in s.extra for s in m.stages):
         raise ConfigError(f"{engine_dir} has no TensorRT plans; run `deploykit build {engine_dir}` on the target GPU "
