@@ -1,8 +1,9 @@
 """The cascade: chains stage runners, applies the exit thresholds, and compacts the batch between stages.
 
-After each stage the rows whose exit score reaches that stage's threshold write their result to their original
-position; only the survivors' state goes on to the next stage (a gather on the survivors' indices, done by the
-runner so GPU tensors stay on the device). Only the ``[B]`` score vector is brought to the host to decide.
+After each stage the exit step (:mod:`deploykit.runtime.exit_step`, shared with serve-ray and the Triton model)
+writes the results of the rows whose exit score reaches that stage's threshold at their original positions; only
+the survivors' state goes on to the next stage (a gather on the survivors' indices, done by the runner so GPU
+tensors stay on the device). Only the ``[B]`` score vector is brought to the host to decide.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from deploykit.backends import Runner, create_runner
 from deploykit.errors import DataError
 from deploykit.manifest import Manifest
+from deploykit.runtime.exit_step import ExitState, softmax  # noqa: F401  (softmax: re-exported)
 
 
 @dataclass
@@ -31,13 +33,6 @@ class CascadeResult:
     @property
     def labels_idx(self) -> np.ndarray:
         return self.logits.argmax(axis=1)
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float32."""
-    z = x - x.max(axis=1, keepdims=True)
-    e = np.exp(z, dtype=np.float32)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class Cascade:
@@ -114,40 +109,26 @@ class Cascade:
         """Run the cascade with batch compaction; each row's result says where it exited."""
         x = self.validate_input(x)
         thr = self.resolve_thresholds(thresholds)
-        n, last = x.shape[0], self.manifest.num_stages - 1
-        out_logits = np.empty((n, self.manifest.num_classes), dtype=np.float32)
-        out_score = np.empty(n, dtype=np.float32)
-        exit_stage = np.full(n, -1, dtype=np.int64)
-        rows = np.arange(n)
+        last = self.manifest.num_stages - 1
+        state = ExitState(x.shape[0], self.manifest.num_classes)
         feeds: dict[str, Any] = {self.manifest.input_spec.name: x}
         sizes: list[int] = []
         for k, (spec, runner) in enumerate(zip(self.manifest.stages, self.runners)):
-            sizes.append(len(rows))
+            sizes.append(len(state.rows))
             res = runner.run(feeds)
-            score = runner.to_host(res[spec.exit_score])
-            if k == last:
-                done = np.ones(len(rows), dtype=bool)
-            elif thr[k] is None:
-                done = np.zeros(len(rows), dtype=bool)
-            else:
-                done = score >= thr[k]
-            if done.any():
-                where = np.flatnonzero(done)
-                logits = runner.to_host(runner.take(res[spec.exit_logits], where) if not done.all()
-                                        else res[spec.exit_logits])
-                out_logits[rows[where]] = logits
-                out_score[rows[where]] = score[where]
-                exit_stage[rows[where]] = k
-            if done.all():
+            logits = res[spec.exit_logits]
+
+            def exiting(where: np.ndarray, all_exit: bool, r: Runner = runner, lg: Any = logits) -> np.ndarray:
+                return r.to_host(lg if all_exit else r.take(lg, where))
+
+            running = len(state.rows)
+            keep = state.step(k, runner.to_host(res[spec.exit_score]), thr[k], k == last, exiting)
+            if keep is None:
                 break
-            keep = np.flatnonzero(~done)
             names = [t.name for t in spec.outputs]
-            if len(keep) == len(rows):
-                feeds = {nm: res[nm] for nm in names}
-            else:
-                feeds = {nm: runner.take(res[nm], keep) for nm in names}
-                rows = rows[keep]
-        return CascadeResult(out_logits, softmax(out_logits), exit_stage, out_score, sizes)
+            feeds = ({nm: res[nm] for nm in names} if len(keep) == running
+                     else {nm: runner.take(res[nm], keep) for nm in names})
+        return CascadeResult(state.logits, state.probs(), state.exit_stage, state.score, sizes)
 
     def run_all_exits(self, x: np.ndarray, batch_size: int = 64) -> list[dict[str, np.ndarray]]:
         """Every exit's logits and score for every row (no exits taken); for calibration and analysis."""

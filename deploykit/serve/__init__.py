@@ -1,4 +1,4 @@
-"""serve-local: the KServe v2 HTTP server with dynamic batching over a cascade (see docs/serve.md)."""
+"""serve-local: the KServe v2 HTTP server with dynamic batching over a cascade or a MuE engine (docs/serve.md)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
     except ImportError as e:
         raise ConfigError(f"serve-local needs the serve extra ({e}); install it with "
                           "`pip install 'deploykit[serve]'`") from e
-    from deploykit.runtime.cascade import Cascade
     from deploykit.serve.app import ServeConfig, create_app
+    from deploykit.serve.models import open_engine
 
     if max_batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0 or max_request_mb <= 0:
         raise ConfigError("expected --max-batch-size >= 1, --max-queue >= 1, --max-queue-delay-ms >= 0 and "
@@ -43,16 +43,16 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
     if instances > 1 and backend != "ort-cpu":
         raise ConfigError(f"--instances {instances} needs the ort-cpu backend (its sessions are thread-safe); the "
                           f"{backend} runner keeps per-run device buffers, so run one server per device instead")
-    cascade = Cascade.from_dir(engine_dir, backend=backend, threads=threads)
+    engine = open_engine(engine_dir, backend=backend, threads=threads)
     try:
-        app = create_app(cascade, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb,
+        app = create_app(engine, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb,
                                                 latency_slo_ms=latency_slo_ms, instances=instances))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=60, loop="auto", http="auto")
-        logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d", cascade.manifest.name, host, port)
+        logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d", engine.manifest.name, host, port)
         _Server(config).run()
     finally:
-        cascade.close()
+        engine.close()
 
 
 def _server_class() -> Any:

@@ -1,14 +1,14 @@
-"""The serve-local HTTP app (Starlette): KServe v2 REST routes, ``/metrics``, ``/stats`` and the page at ``/``.
+"""The serve-local HTTP app: a thin Starlette adapter over the shared KServe v2 handler, plus ``/stats`` and the page.
 
 The app owns a :class:`~deploykit.serve.batcher.Batcher` started and drained by the ASGI lifespan, so a server
-shutdown (SIGTERM) finishes every request in flight before the cascade is released.
+shutdown (SIGTERM) finishes every request in flight before the engine is released. What kind of engine it serves
+(a classification cascade, a MuE engine) is the business of :mod:`deploykit.serve.models` alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
@@ -20,15 +20,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from deploykit import __version__
-from deploykit.data.preprocess import load_image, preprocess_image
-from deploykit.errors import DataError
 from deploykit.serve import protocol
-from deploykit.serve.adaptive import AdaptiveController
-from deploykit.serve.batcher import Batcher, BatchStats, QueueFull
+from deploykit.serve.batcher import Batcher, BatchStats
+from deploykit.serve.handler import KServeHandler, Submitted
 from deploykit.serve.metrics import ServeMetrics
+from deploykit.serve.models import served_model
 
-_PARSE_IN_THREAD_BYTES = 64 * 1024
+_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
 @dataclass
@@ -42,39 +40,30 @@ class ServeConfig:
     retry_after_s: int = 1
     latency_slo_ms: float | None = None  # load-adaptive exits (deploykit/serve/adaptive.py); None = off
     adaptive_tick_s: float = 0.05
-    instances: int = 1  # batches run at once, one inference thread each (the cascade must be thread-safe)
+    instances: int = 1  # batches run at once, one inference thread each (the engine must be thread-safe)
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.headers = status, headers or {}
+def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
+    """Build the ASGI app around a loaded engine.
 
-
-def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
-    """Build the ASGI app around a loaded cascade (anything with ``run``, ``manifest``)."""
+    ``engine``: a Cascade, a MuEEngine, or anything with their ``manifest`` and ``run`` / ``predict``.
+    """
     config = config or ServeConfig()
-    manifest = cascade.manifest
-    info = protocol.ModelInfo.from_manifest(manifest)
-    metrics = ServeMetrics(info.name, info.num_stages, config.max_batch_size)
-    max_bytes = int(config.max_request_mb * 1024 * 1024)
-    pre = manifest.preprocessing
-
-    adaptive = (AdaptiveController.from_manifest(manifest, config.latency_slo_ms, instances=config.instances)
+    model = served_model(engine)
+    metrics = ServeMetrics(model.name, model.num_stages, config.max_batch_size)
+    adaptive = (model.adaptive_controller(config.latency_slo_ms, config.instances)
                 if config.latency_slo_ms is not None else None)
     if adaptive is not None:
         adaptive.listeners.append(lambda p: metrics.observe_operating_point(p))
         metrics.observe_operating_point(adaptive.current(), adaptive.slo_s)
 
-    def run_batch(x: np.ndarray, thresholds: tuple[float | None, ...] | None) -> dict[str, Any]:
-        point = adaptive.current() if adaptive is not None and thresholds is None else None
+    def run_batch(rows: np.ndarray, key: Any) -> dict[str, Any]:
+        point = adaptive.current() if adaptive is not None and key is None else None
         if point is not None:  # requests without their own thresholds follow the controller
-            thresholds = point.thresholds
-        r = cascade.run(x, list(thresholds) if thresholds is not None else None)
-        out = {"probs": r.probs, "exit_stage": r.exit_stage, "score": r.score,
-               "stage_batch_sizes": list(r.stage_batch_sizes)}
+            key = point.thresholds
+        out = model.run(rows, key)
         if point is not None:
-            out["operating_point"] = np.full(len(x), point.level, dtype=np.int64)
+            out["operating_point"] = np.full(len(rows), point.level, dtype=np.int64)
         return out
 
     def on_batch(stats: BatchStats) -> None:
@@ -85,110 +74,27 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
     batcher = Batcher(run_batch, config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.max_queue,
                       on_batch=on_batch, instances=config.instances)
 
-    def decode_image(data: bytes) -> np.ndarray:
-        return preprocess_image(load_image(data), pre)
-
-    def parse(body: bytes, headers: dict[str, str]) -> protocol.InferRequest:
-        return protocol.parse_infer_request(body, headers, info, decode_image)
-
-    def check_model(request: Request) -> None:
-        try:
-            protocol.check_model(info, request.path_params["name"], request.path_params.get("version"))
-        except protocol.ProtocolError as e:
-            raise _HTTPError(e.status, str(e)) from e
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            if int(declared) <= 4 * max_bytes:  # read and drop it, so simple clients see the 413, not a reset
-                async for _ in request.stream():
-                    pass
-            raise _HTTPError(413, f"request body of {int(declared)} bytes is over the limit of {max_bytes} bytes "
-                                  f"(--max-request-mb {config.max_request_mb:g}); send fewer rows per request")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise _HTTPError(413, f"request body is over the limit of {max_bytes} bytes "
-                                      f"(--max-request-mb {config.max_request_mb:g}); send fewer rows per request")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def infer_once(request: Request) -> tuple[Response, int, float | None]:
-        check_model(request)
-        body = await read_body(request)
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        try:
-            if len(body) > _PARSE_IN_THREAD_BYTES or b'"BYTES"' in body[:4096]:
-                req = await asyncio.get_running_loop().run_in_executor(None, parse, body, headers)
-            else:
-                req = parse(body, headers)
-        except protocol.ProtocolError as e:
-            raise _HTTPError(e.status, str(e)) from e
-        try:
-            result, queue_s = await batcher.submit(req.rows, req.thresholds)
-        except QueueFull as e:
-            raise _HTTPError(503, f"server busy: {e}; retry after {config.retry_after_s} s",
-                             {"retry-after": str(config.retry_after_s)}) from e
-        except DataError as e:
-            raise _HTTPError(400, str(e)) from e
-        except Exception as e:  # engine fault: this batch fails, the server stays up
-            raise _HTTPError(500, f"inference failed ({type(e).__name__}: {e}); the server is still up, "
-                                  "retry or check the engine") from e
+    async def submit(req: Any) -> Submitted:
+        result, queue_s = await batcher.submit(req.rows, model.batch_key(req))
         params = None
         if "operating_point" in result:  # a request split over batches reports its cheapest point
             params = adaptive.ladder[int(result["operating_point"].max())].as_params()
-        body_out, extra = protocol.build_response(req, protocol.output_arrays(result, info.labels), info, params)
-        return Response(body_out, 200, headers=extra), 200, queue_s
+        return Submitted(result, queue_s, params)
 
-    async def infer(request: Request) -> Response:
-        t0 = time.perf_counter()
-        code, queue_s = 500, None
-        metrics.in_flight.labels(info.name).inc()
-        try:
-            response, code, queue_s = await infer_once(request)
-            return response
-        except _HTTPError as e:
-            code = e.status
-            return _error(e.status, str(e), e.headers)
-        finally:
-            metrics.in_flight.labels(info.name).dec()
-            metrics.observe_request(code, time.perf_counter() - t0, queue_s)
-            if adaptive is not None and code == 200:
-                adaptive.observe(time.perf_counter() - t0)
+    handler = KServeHandler(model, submit, metrics, config.max_request_mb, ready=lambda: not batcher.closing,
+                            adaptive=adaptive, retry_after_s=config.retry_after_s,
+                            on_scrape=lambda: metrics.queue_depth.labels(model.name).set(batcher.depth))
 
-    async def live(request: Request) -> Response:
-        return Response(status_code=200)
-
-    async def ready(request: Request) -> Response:
-        return Response(status_code=503 if batcher.closing else 200)
-
-    async def server_meta(request: Request) -> Response:
-        return JSONResponse(protocol.server_metadata(__version__))
-
-    async def model_meta(request: Request) -> Response:
-        try:
-            check_model(request)
-        except _HTTPError as e:
-            return _error(e.status, str(e))
-        return JSONResponse(protocol.model_metadata(info))
-
-    async def model_ready(request: Request) -> Response:
-        try:
-            check_model(request)
-        except _HTTPError as e:
-            return _error(e.status, str(e))
-        return Response(status_code=503 if batcher.closing else 200)
-
-    async def prom(request: Request) -> Response:
-        metrics.queue_depth.labels(info.name).set(batcher.depth)
-        return Response(metrics.exposition(), headers={"content-type": metrics.content_type})
+    async def kserve(request: Request) -> Response:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        r = await handler.handle(request.method, request.url.path, headers, request.stream)
+        return Response(r.body, r.status, headers=r.headers)
 
     async def stats(request: Request) -> Response:
         s = metrics.summary()
-        s.update(queue_depth=batcher.depth, num_stages=info.num_stages, labels=info.labels,
-                 max_batch_size=config.max_batch_size, max_queue_delay_ms=config.max_queue_delay_ms,
-                 thresholds=list(manifest.thresholds()))
+        s.update(model.page_info())
+        s.update(queue_depth=batcher.depth, max_batch_size=config.max_batch_size,
+                 max_queue_delay_ms=config.max_queue_delay_ms)
         if adaptive is not None:
             s["adaptive"] = adaptive.state()
         return JSONResponse(s)
@@ -212,23 +118,15 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
             await asyncio.sleep(config.adaptive_tick_s)
             adaptive.tick(batcher.oldest_wait_s, batcher.queued_rows)
 
-    m = "/v2/models/{name}"
-    mv = "/v2/models/{name}/versions/{version}"
-    routes = [
-        Route("/", index), Route("/metrics", prom), Route("/stats", stats),
-        Route("/v2", server_meta), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
-        Route(m, model_meta), Route(mv, model_meta),
-        Route(m + "/ready", model_ready), Route(mv + "/ready", model_ready),
-        Route(m + "/infer", infer, methods=["POST"]), Route(mv + "/infer", infer, methods=["POST"]),
-    ]
     async def not_found(request: Request, exc: Exception) -> Response:
         code = getattr(exc, "status_code", 404)
         return _error(code, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}; "
                             "see GET /v2 and /v2/models/{name} (KServe v2)")
 
+    routes = [Route("/", index), Route("/stats", stats), Route("/{path:path}", kserve, methods=_METHODS)]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
-    app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, info
-    app.state.adaptive = adaptive
+    app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, model.info
+    app.state.adaptive, app.state.model, app.state.handler = adaptive, model, handler
     return app
 
 

@@ -66,6 +66,7 @@ class ServeMetrics:
         self._latencies: deque[float] = deque(maxlen=window)
         self._exit_counts = np.zeros(num_stages, dtype=np.int64)
         self._codes: dict[int, int] = {}
+        self._fractions: deque[float] = deque(maxlen=window)
         self._started = time.time()
 
     def observe_request(self, code: int, seconds: float, queue_seconds: float | None) -> None:
@@ -89,7 +90,21 @@ class ServeMetrics:
             return
         for k, n in enumerate(s.result.get("stage_batch_sizes") or []):
             self.stage_batch_size.labels(self.model, str(k)).observe(n)
-        self.observe_exits(s.result["exit_stage"])
+        if "exit_stage" in s.result:  # a cascade
+            self.observe_exits(s.result["exit_stage"])
+        if "layer_fraction" in s.result:  # a MuE engine: per-sample exits inside its streams and decoder
+            self.observe_layers(s.result["layer_fraction"])
+
+    def observe_layers(self, fractions: np.ndarray) -> None:
+        """Record the fraction of layers each row ran (MuE; created on first use, so cascades don't export it)."""
+        if not hasattr(self, "layer_fraction"):
+            self.layer_fraction = Histogram("deploykit_layer_fraction", "Fraction of the model's layers each row "
+                                            "ran (MuE's per-sample exits).", ["model"], registry=self.registry,
+                                            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+        for f in np.asarray(fractions, dtype=np.float64).reshape(-1):
+            self.layer_fraction.labels(self.model).observe(float(f))
+        with self._lock:
+            self._fractions.extend(np.asarray(fractions, dtype=np.float64).reshape(-1).tolist())
 
     def observe_exits(self, exit_stage: np.ndarray) -> None:
         """Count where rows left the cascade (serve-ray's ingress calls this directly: it has no batcher)."""
@@ -137,7 +152,9 @@ class ServeMetrics:
             lat = np.asarray(self._latencies, dtype=np.float64)
             exits = self._exit_counts.tolist()
             codes = {str(k): v for k, v in sorted(self._codes.items())}
+            fractions = list(self._fractions)
         pct = (lambda q: float(np.percentile(lat, q) * 1000)) if lat.size else (lambda q: None)
         return {"model": self.model, "exits_per_stage": exits, "requests_by_code": codes,
                 "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "window": int(lat.size)},
-                "uptime_s": time.time() - self._started}
+                "uptime_s": time.time() - self._started,
+                "mean_layer_fraction": float(np.mean(fractions)) if fractions else None}

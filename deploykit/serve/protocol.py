@@ -324,23 +324,26 @@ def output_arrays(result: dict[str, np.ndarray], labels: list[str]) -> dict[str,
     }
 
 
-def build_response(req: InferRequest, arrays: dict[str, np.ndarray], info: ModelInfo,
-                   parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+def build_response(req: Any, arrays: dict[str, np.ndarray], info: Any, parameters: dict[str, Any] | None = None,
+                   types: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
     """Response body and extra headers; binary outputs follow the JSON header (binary tensor data extension).
 
-    ``parameters`` (e.g. the load-adaptive operating point) go into the response's ``parameters`` object.
+    ``parameters`` (e.g. the load-adaptive operating point) go into the response's ``parameters`` object;
+    ``types`` maps output names to KServe datatypes (default: the classification outputs').
     """
+    types = types or _OUTPUT_TYPES
     outs, blobs = [], []
     for name in req.outputs:
         a = arrays[name]
-        entry: dict[str, Any] = {"name": name, "datatype": _OUTPUT_TYPES[name], "shape": list(a.shape)}
+        entry: dict[str, Any] = {"name": name, "datatype": types[name], "shape": list(a.shape)}
         if name in req.binary_outputs:
             dt = _NP.get(entry["datatype"])
             blob = _pack_bytes(a) if dt is None else np.ascontiguousarray(a, dtype=dt).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = [str(v) for v in a.reshape(-1)] if name == "label" else a.reshape(-1).tolist()
+            entry["data"] = ([str(v) for v in a.reshape(-1)] if entry["datatype"] == "BYTES"
+                             else a.reshape(-1).tolist())
         outs.append(entry)
     body: dict[str, Any] = {"model_name": info.name, "model_version": info.version, "outputs": outs}
     if req.id is not None:

@@ -1,14 +1,14 @@
 """serve-ray: the cascade as Ray Serve deployments, one per stage, behind a KServe v2 ingress.
 
 Each stage deployment loads only its own graph and batches the calls of every request in flight with
-``@serve.batch`` (the batch counts rows, like serve-local). The ingress speaks the same KServe v2 HTTP API as
-serve-local through :mod:`deploykit.serve.protocol`, decides the exits between stages and sends on only the
-surviving rows, so later stages see fewer rows and get fewer replicas (:mod:`deploykit.serve.sizing`). It also
-exports serve-local's Prometheus series at ``/metrics`` (requests, latency, exits per stage) and, with
-``latency_slo_ms``, runs the same load-adaptive controller as serve-local (:mod:`deploykit.serve.adaptive`). The
+``@serve.batch`` (the batch counts rows, like serve-local). The ingress is a thin adapter over serve-local's
+KServe v2 request handler (:mod:`deploykit.serve.handler`: same routes, limits, errors and metrics); it decides
+the exits between stages with the shared exit step (:mod:`deploykit.runtime.exit_step`) and sends on only the
+surviving rows, so later stages see fewer rows and get fewer replicas (:mod:`deploykit.serve.sizing`). With
+``latency_slo_ms`` it runs the same load-adaptive controller as serve-local (:mod:`deploykit.serve.adaptive`). The
 ingress has no batching queue of its own, so the controller's inputs are the rows in flight through the stage
 deployments and their completion rate: by Little's law, in-flight rows / completion rate is the time a row spends
-in the cascade now.
+in the cascade now. MuE engines are refused (:mod:`deploykit.serve.models` says why).
 
 Graphs travel to replicas as bytes through Ray's object store, so the same code runs on a multi-node cluster
 without a shared filesystem (deploykit itself must be importable on every node).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,16 +28,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from deploykit import __version__
-from deploykit.errors import ConfigError, DataError
+from deploykit.errors import ConfigError
 from deploykit.manifest import Manifest
 from deploykit.serve import protocol
 from deploykit.serve.sizing import replica_split
 from deploykit.serve.triton_stage import merge_requests, split_outputs
-
-_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 
 
 @dataclass
@@ -119,27 +115,25 @@ class StageReplica:
 
 
 class Ingress:
-    """KServe v2 over HTTP (shared protocol module); runs the exit decision between the stage deployments."""
+    """The shared KServe v2 handler (:mod:`deploykit.serve.handler`); runs the exit decision between the stages."""
 
     def __init__(self, manifest: dict[str, Any], stages: list[Any], max_batch_size: int,
                  max_request_mb: float, latency_slo_ms: float | None = None, tick_s: float = 0.05) -> None:
-        from deploykit.data.preprocess import load_image, preprocess_image
-        from deploykit.serve.adaptive import AdaptiveController
+        from deploykit.serve.handler import KServeHandler
         from deploykit.serve.metrics import ServeMetrics
+        from deploykit.serve.models import model_for
 
         self.manifest = Manifest.from_dict(manifest)
-        self.info = protocol.ModelInfo.from_manifest(self.manifest)
+        self.model = model_for(self.manifest)
+        self.info = self.model.info
         self.stages = stages
         self.max_batch_size = max_batch_size
-        self.max_bytes = int(max_request_mb * 1024 * 1024)
-        pre = self.manifest.preprocessing
-        self.decode_image = lambda data: preprocess_image(load_image(data), pre)
-        self.metrics = ServeMetrics(self.info.name, self.info.num_stages)
-        self.adaptive = (AdaptiveController.from_manifest(self.manifest, latency_slo_ms)
-                         if latency_slo_ms is not None else None)
+        self.metrics = ServeMetrics(self.model.name, self.model.num_stages)
+        self.adaptive = (self.model.adaptive_controller(latency_slo_ms, 1) if latency_slo_ms is not None else None)
         if self.adaptive is not None:
             self.adaptive.listeners.append(self.metrics.observe_operating_point)
             self.metrics.observe_operating_point(self.adaptive.current(), self.adaptive.slo_s)
+        self.handler = KServeHandler(self.model, self._submit, self.metrics, max_request_mb, adaptive=self.adaptive)
         self.tick_s = tick_s
         self._in_flight: dict[int, tuple[float, int]] = {}  # request id -> (arrival, rows)
         self._done_rows: dict[int, int] = {}  # operating point -> rows finished since the last tick
@@ -160,54 +154,16 @@ class Ingress:
             self.adaptive.tick(oldest, sum(n for _, n in flight))
 
     async def __call__(self, request: Request) -> Response:
-        try:
-            return await self._route(request)
-        except protocol.ProtocolError as e:
-            return _error(e.status, str(e))
-
-    async def _route(self, request: Request) -> Response:
-        path, method = request.url.path, request.method
-        if path in ("/v2", "/v2/"):
-            return JSONResponse(protocol.server_metadata(__version__))
-        if path in ("/v2/health/live", "/v2/health/ready"):
-            return Response(status_code=200)
-        if path == "/metrics":
-            return Response(self.metrics.exposition(), headers={"content-type": self.metrics.content_type})
-        m = _MODEL_PATH.match(path)
-        if m is None or (m.group(3) == "/infer") != (method == "POST"):
-            raise protocol.ProtocolError(f"{method} {path}: not found; see GET /v2 and /v2/models/{{name}} "
-                                         "(KServe v2)", 404)
-        protocol.check_model(self.info, m.group(1), m.group(2))
-        if m.group(3) == "/ready":
-            return Response(status_code=200)
-        if m.group(3) is None:
-            return JSONResponse(protocol.model_metadata(self.info))
-        return await self._timed_infer(request)
-
-    async def _timed_infer(self, request: Request) -> Response:
-        """``_infer`` with the request metrics (and the controller's latency signal) around it."""
         if self.adaptive is not None and self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._adapt())
-        t0, code = time.perf_counter(), 500
-        try:
-            response = await self._infer(request)
-            code = response.status_code
-            return response
-        except protocol.ProtocolError as e:
-            code = e.status
-            raise
-        finally:
-            self.metrics.observe_request(code, time.perf_counter() - t0, None)
-            if self.adaptive is not None and code == 200:
-                self.adaptive.observe(time.perf_counter() - t0)
-
-    async def _infer(self, request: Request) -> Response:
-        body = await request.body()
-        if len(body) > self.max_bytes:
-            raise protocol.ProtocolError(f"request body of {len(body)} bytes is over the limit of {self.max_bytes} "
-                                         "bytes (--max-request-mb); send fewer rows per request", 413)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        req = await asyncio.to_thread(protocol.parse_infer_request, body, headers, self.info, self.decode_image)
+        r = await self.handler.handle(request.method, request.url.path, headers, request.stream)
+        return Response(r.body, r.status, headers=r.headers)
+
+    async def _submit(self, req: protocol.InferRequest) -> Any:
+        """Run a parsed request through the stage deployments, ``max_batch_size`` rows per call at most."""
+        from deploykit.serve.handler import Submitted
+
         point = self.adaptive.current() if self.adaptive is not None and req.thresholds is None else None
         if point is not None:  # requests without their own thresholds follow the controller
             thr = list(point.thresholds)
@@ -219,57 +175,36 @@ class Ingress:
         try:
             parts = await asyncio.gather(*[self.cascade(req.rows[lo:lo + step], thr)
                                            for lo in range(0, len(req.rows), step)])
-        except DataError as e:
-            raise protocol.ProtocolError(str(e)) from e
-        except Exception as e:  # a stage fault fails this request; the deployments stay up
-            raise protocol.ProtocolError(f"inference failed ({type(e).__name__}: {e}); the server is still up, "
-                                         "retry or check the engine", 500) from e
         finally:
             self._in_flight.pop(key, None)
         level = point.level if point is not None else 0
         self._done_rows[level] = self._done_rows.get(level, 0) + len(req.rows)
         result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         self.metrics.observe_exits(result["exit_stage"])
-        params = point.as_params() if point is not None else None
-        out, extra = protocol.build_response(req, protocol.output_arrays(result, self.info.labels), self.info, params)
-        return Response(out, 200, headers=extra)
+        return Submitted(result, None, point.as_params() if point is not None else None)
 
     async def cascade(self, x: np.ndarray, thr: list[float | None]) -> dict[str, np.ndarray]:
         """Call the stages in turn; rows whose score reaches their stage's threshold leave, the rest go on."""
-        from deploykit.runtime.cascade import softmax
+        from deploykit.runtime.exit_step import ExitState
 
-        n, last = len(x), self.manifest.num_stages - 1
-        logits = np.empty((n, self.manifest.num_classes), dtype=np.float32)
-        score = np.empty(n, dtype=np.float32)
-        exit_stage = np.full(n, -1, dtype=np.int64)
-        rows = np.arange(n)
+        last = self.manifest.num_stages - 1
+        state = ExitState(len(x), self.manifest.num_classes)
         feeds: dict[str, np.ndarray] = {self.info.input_name: np.ascontiguousarray(x)}
         for k, spec in enumerate(self.manifest.stages):
             res = await self.stages[k].remote(feeds)
-            s = np.asarray(res[spec.exit_score], dtype=np.float32).reshape(-1)
-            done = np.ones(len(rows), bool) if k == last else (
-                np.zeros(len(rows), bool) if thr[k] is None else s >= thr[k])
-            where = np.flatnonzero(done)
-            logits[rows[where]] = res[spec.exit_logits][where]
-            score[rows[where]] = s[where]
-            exit_stage[rows[where]] = k
-            if done.all():
+            keep = state.step(k, res[spec.exit_score], thr[k], k == last, res[spec.exit_logits])
+            if keep is None:
                 break
-            keep = np.flatnonzero(~done)
             feeds = {t.name: np.ascontiguousarray(res[t.name][keep]) for t in spec.outputs}
-            rows = rows[keep]
-        return {"probs": softmax(logits), "exit_stage": exit_stage, "score": score}
-
-
-def _error(status: int, message: str) -> Response:
-    return Response(protocol.error_body(message), status, headers={"content-type": "application/json"})
+        return {"probs": state.probs(), "exit_stage": state.exit_stage, "score": state.score}
 
 
 def build_app(engine_dir: str | os.PathLike, config: RayConfig) -> tuple[Any, list[dict[str, Any]]]:
     """The Ray Serve application (ingress bound to one deployment per stage) and the per-stage options."""
+    from deploykit.serve.models import check_frontend
+
     manifest = Manifest.load(engine_dir)
-    if manifest.task != "classification":
-        raise ConfigError(f"{engine_dir} holds a {manifest.task!r} model; serve-ray serves classification cascades")
+    check_frontend(manifest, "serve-ray")
     manifest.check_files()
     if config.max_batch_size < 1 or config.max_queue_delay_ms < 0 or config.max_request_mb <= 0:
         raise ConfigError("expected --max-batch-size >= 1, --max-queue-delay-ms >= 0 and --max-request-mb > 0")

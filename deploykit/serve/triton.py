@@ -4,7 +4,7 @@ Layout (``REPO``)::
 
     <name>_stage<k>/config.pbtxt, 1/model.onnx | 1/model.plan   one per stage, dynamic batching
                                   (--backend python: 1/model.onnx + 1/model.py, a Python-backend ORT stage)
-    <name>/config.pbtxt, 1/model.py, 1/cascade.json              Python-backend BLS model: the cascade
+    <name>/config.pbtxt, 1/model.py, 1/exit_step.py, 1/cascade.json   Python-backend BLS model: the cascade
 
 Ensembles can't express the data-dependent exit (see docs/scaling.md), so the cascade is a BLS model whose logic
 is :func:`deploykit.serve.triton_model.run_cascade`. The config text is written by hand (no tritonclient needed to
@@ -23,6 +23,7 @@ from typing import Any
 
 from deploykit.errors import ConfigError
 from deploykit.manifest import Manifest
+from deploykit.serve.models import check_frontend
 from deploykit.serve.sizing import replica_split
 
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
@@ -52,8 +53,7 @@ def export_triton(engine_dir: str | os.PathLike, out: str | os.PathLike, backend
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     m = Manifest.load(engine_dir)
-    if m.task != "classification":
-        raise ConfigError(f"export-triton handles classification cascades; {engine_dir} holds a {m.task!r} model")
+    check_frontend(m, "export-triton")
     trt = m.extra.get("trt") or {}
     if backend == "tensorrt" and not all("trt" in s.extra for s in m.stages):
         raise ConfigError(f"{engine_dir} has no TensorRT plans; run `deploykit build {engine_dir}` on the target GPU "
@@ -89,6 +89,7 @@ def export_triton(engine_dir: str | os.PathLike, out: str | os.PathLike, backend
     d = out / name / "1"
     d.mkdir(parents=True, exist_ok=True)
     (d / "model.py").write_text(resources.files("deploykit.serve").joinpath("triton_model.py").read_text())
+    (d / "exit_step.py").write_text(resources.files("deploykit.runtime").joinpath("exit_step.py").read_text())
     spec = {"input": m.input_spec.name, "num_classes": m.num_classes, "labels": m.labels,
             "thresholds": m.thresholds(), "stages": stages, "source": m.name}
     (d / "cascade.json").write_text(json.dumps(spec, indent=2) + "\n")

@@ -1,13 +1,17 @@
 """Triton Python-backend BLS model: the deploykit cascade with batch compaction over the per-stage models.
 
-``deploykit export-triton`` copies this file verbatim as ``<model>/1/model.py``, so it imports only numpy and the
-standard library at module level (Triton's Python stub has no deploykit); ``triton_python_backend_utils`` is
-imported inside the model class. The cascade itself is :func:`run_cascade`, which takes one callable per stage, so
-it is tested against real ONNX Runtime sessions without Triton.
+``deploykit export-triton`` copies this file verbatim as ``<model>/1/model.py`` and the exit step
+(:mod:`deploykit.runtime.exit_step`, the one Cascade and serve-ray use) as ``<model>/1/exit_step.py`` beside it, which
+this file loads by path; so it imports only numpy and the standard library at module level (Triton's Python stub
+has no deploykit, and a copy keeps the repository tied to the deploykit that exported it rather than to whatever is
+installed on the server); ``triton_python_backend_utils`` is imported inside the model class. The cascade itself
+is :func:`run_cascade`, which takes one callable per stage, so it is tested against real ONNX Runtime sessions
+without Triton.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -18,11 +22,21 @@ import numpy as np
 StageFn = Callable[[dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float32."""
-    z = x - x.max(axis=1, keepdims=True)
-    e = np.exp(z, dtype=np.float32)
-    return e / e.sum(axis=1, keepdims=True)
+def _exit_step_module() -> Any:
+    """The exit step: ``exit_step.py`` beside this file in a Triton repository, else deploykit's own module."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_step.py")
+    if os.path.exists(here):
+        spec = importlib.util.spec_from_file_location("deploykit_exit_step", here)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    from deploykit.runtime import exit_step
+
+    return exit_step
+
+
+_exit_step = _exit_step_module()
+softmax = _exit_step.softmax
 
 
 def run_cascade(x: np.ndarray, stages: Sequence[StageFn], spec: dict[str, Any],
@@ -42,35 +56,20 @@ def run_cascade(x: np.ndarray, stages: Sequence[StageFn], spec: dict[str, Any],
     """
     thr = list(spec["thresholds"] if thresholds is None else thresholds)
     st = spec["stages"]
-    n, last = x.shape[0], len(st) - 1
-    logits_out = np.empty((n, int(spec["num_classes"])), dtype=np.float32)
-    score_out = np.empty(n, dtype=np.float32)
-    exit_stage = np.full(n, -1, dtype=np.int64)
-    rows = np.arange(n)
+    last = len(st) - 1
+    state = _exit_step.ExitState(x.shape[0], int(spec["num_classes"]))
     feeds = {spec["input"]: x}
     sizes = []
     for k, (s, fn) in enumerate(zip(st, stages)):
-        sizes.append(len(rows))
+        sizes.append(len(state.rows))
         res = fn(feeds, [*s["outputs"], s["exit_logits"], s["exit_score"]])
-        score = np.asarray(res[s["exit_score"]], dtype=np.float32).reshape(-1)
-        if k == last:
-            done = np.ones(len(rows), dtype=bool)
-        elif k >= len(thr) or thr[k] is None:
-            done = np.zeros(len(rows), dtype=bool)
-        else:
-            done = score >= thr[k]
-        if done.any():
-            where = np.flatnonzero(done)
-            logits_out[rows[where]] = np.asarray(res[s["exit_logits"]])[where]
-            score_out[rows[where]] = score[where]
-            exit_stage[rows[where]] = k
-        if done.all():
+        keep = state.step(k, res[s["exit_score"]], thr[k] if k < len(thr) else None, k == last,
+                          np.asarray(res[s["exit_logits"]]))
+        if keep is None:
             break
-        keep = np.flatnonzero(~done)
         feeds = {name: np.ascontiguousarray(np.asarray(res[name])[keep]) for name in s["outputs"]}
-        rows = rows[keep]
-    probs = softmax(logits_out)
-    return {"probabilities": probs, "logits": logits_out, "exit_stage": exit_stage, "score": score_out,
+    probs = state.probs()
+    return {"probabilities": probs, "logits": state.logits, "exit_stage": state.exit_stage, "score": state.score,
             "class_index": probs.argmax(axis=1).astype(np.int64), "stage_batch_sizes": sizes}
 
 

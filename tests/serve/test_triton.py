@@ -106,6 +106,53 @@ def test_bls_cascade_logic_matches_deploykit_cascade_with_ort_sessions(calibrate
     np.testing.assert_array_equal(parts[1]["class_index"], got["class_index"][5:45])
 
 
+_SHIPPED = """
+import importlib.abc, importlib.util, json, sys
+import numpy as np, onnxruntime as ort
+
+
+class NoDeploykit(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "deploykit":
+            raise ImportError("deploykit is not installed in Triton's Python stub")
+
+
+sys.meta_path.insert(0, NoDeploykit())
+repo, out = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location("model", f"{repo}/tiny/1/model.py")
+model = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(model)
+cfg = json.load(open(f"{repo}/tiny/1/cascade.json"))
+sessions = [ort.InferenceSession(f"{repo}/{s['model']}/1/model.onnx", providers=["CPUExecutionProvider"])
+            for s in cfg["stages"]]
+x = np.load(out)["x"]
+got = model.run_cascade(x, [lambda f, n, s=s: dict(zip(n, s.run(n, f))) for s in sessions], cfg)
+assert not [m for m in sys.modules if m.split(".")[0] == "deploykit"]
+np.savez(out, x=x, exit_stage=got["exit_stage"], probs=got["probabilities"])
+"""
+
+
+def test_shipped_bls_model_runs_without_deploykit_using_the_shared_exit_step(calibrated, tmp_path):
+    """The repository's model.py + exit_step.py (a copy of deploykit/runtime/exit_step.py) need only numpy."""
+    from deploykit.runtime import exit_step
+    from deploykit.runtime.cascade import Cascade
+
+    export_triton(calibrated, tmp_path / "repo")
+    here = tmp_path / "repo" / "tiny" / "1"
+    assert (here / "exit_step.py").read_text() == Path(exit_step.__file__).read_text()
+    x = rows(32, seed=5)
+    np.savez(tmp_path / "io.npz", x=x)
+    r = subprocess.run([sys.executable, "-c", _SHIPPED, str(tmp_path / "repo"), str(tmp_path / "io.npz")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = np.load(tmp_path / "io.npz")
+    with Cascade.from_dir(calibrated, threads=1) as c:
+        want = c.run(x)
+    assert len(set(want.exit_stage.tolist())) > 1
+    np.testing.assert_array_equal(got["exit_stage"], want.exit_stage)
+    np.testing.assert_allclose(got["probs"], want.probs, atol=1e-6)
+
+
 def test_tensorrt_backend_needs_built_plans(calibrated, tmp_path):
     with pytest.raises(ConfigError, match="deploykit build"):
         export_triton(calibrated, tmp_path / "repo", backend="tensorrt")
