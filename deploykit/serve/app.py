@@ -21,7 +21,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from deploykit import __version__
-from deploykit.data.preprocess import load_image, preprocess_image
+from deploykit.data.preprocess import MAX_IMAGE_PIXELS
+from deploykit.data.preprocess import decode_image as decode_pixels
 from deploykit.errors import DataError
 from deploykit.serve import protocol
 from deploykit.serve.adaptive import AdaptiveController
@@ -43,6 +44,7 @@ class ServeConfig:
     latency_slo_ms: float | None = None  # load-adaptive exits (deploykit/serve/adaptive.py); None = off
     adaptive_tick_s: float = 0.05
     instances: int = 1  # batches run at once, one inference thread each (the cascade must be thread-safe)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # per image file, checked from its header before decoding
 
 
 class _HTTPError(Exception):
@@ -86,7 +88,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
                       on_batch=on_batch, instances=config.instances)
 
     def decode_image(data: bytes) -> np.ndarray:
-        return preprocess_image(load_image(data), pre)
+        return decode_pixels(data, pre, max_pixels=config.max_image_pixels)
 
     def parse(body: bytes, headers: dict[str, str]) -> protocol.InferRequest:
         return protocol.parse_infer_request(body, headers, info, decode_image)

@@ -123,7 +123,7 @@ class Ingress:
 
     def __init__(self, manifest: dict[str, Any], stages: list[Any], max_batch_size: int,
                  max_request_mb: float, latency_slo_ms: float | None = None, tick_s: float = 0.05) -> None:
-        from deploykit.data.preprocess import load_image, preprocess_image
+        from deploykit.data.preprocess import decode_image
         from deploykit.serve.adaptive import AdaptiveController
         from deploykit.serve.metrics import ServeMetrics
 
@@ -133,7 +133,7 @@ class Ingress:
         self.max_batch_size = max_batch_size
         self.max_bytes = int(max_request_mb * 1024 * 1024)
         pre = self.manifest.preprocessing
-        self.decode_image = lambda data: preprocess_image(load_image(data), pre)
+        self.decode_image = lambda data: decode_image(data, pre)
         self.metrics = ServeMetrics(self.info.name, self.info.num_stages)
         self.adaptive = (AdaptiveController.from_manifest(self.manifest, latency_slo_ms)
                          if latency_slo_ms is not None else None)
