@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,10 +144,27 @@ class Manifest:
         return self.stages[0].inputs[0]
 
     def path_of(self, file: str) -> Path:
-        """Absolute path of a file named in the manifest (files are stored relative to the manifest)."""
+        """Absolute path of a file named in the manifest, confined to the engine directory (see resolve_inside)."""
         if self.root is None:
             raise ManifestError("manifest has no root directory; load it with Manifest.load(ENGINE_DIR)")
-        return self.root / file
+        return resolve_inside(self.root, file)
+
+    def named_files(self) -> list[tuple[str, str]]:
+        """Every ``(file, sha256 or "")`` the manifest names: stage and full graphs, TensorRT plans, MuE graphs."""
+        out: list[tuple[str, str]] = []
+        for s in list(self.stages) + ([self.monolithic] if self.monolithic else []):
+            out.append((s.file, s.sha256))
+            trt = s.extra.get("trt") if isinstance(s.extra, dict) else None
+            if isinstance(trt, dict) and trt.get("engine"):
+                out.append((str(trt["engine"]), str(trt.get("sha256", ""))))
+        mue = self.extra.get("mue") if isinstance(self.extra, dict) else None
+        if isinstance(mue, dict):
+            for g in (mue.get("graphs") or {}).values():
+                if isinstance(g, dict) and g.get("file"):
+                    out.append((str(g["file"]), str(g.get("sha256", ""))))
+            if mue.get("vocab"):
+                out.append((str(mue["vocab"]), ""))
+        return out
 
     def thresholds(self) -> list[float | None]:
         """Per-stage thresholds, padded with ``None`` (exit disabled) and the last stage always exiting."""
@@ -195,6 +213,7 @@ class Manifest:
             raise ManifestError(
                 f"manifest field has the wrong form ({type(e).__name__}: {e}); re-export the model") from e
         m.validate()
+        m.validate_semantics()
         return m
 
     def validate(self) -> None:
@@ -225,20 +244,34 @@ class Manifest:
             raise ManifestError(f"unknown exit score {self.exit_policy.score!r}; expected max_softmax or entropy")
 
     @classmethod
-    def load(cls, engine_dir: str | os.PathLike) -> Manifest:
-        """Load and validate ``ENGINE_DIR/deploykit.json`` (or a path to the JSON file itself)."""
+    def load(cls, engine_dir: str | os.PathLike, verify: bool = True) -> Manifest:
+        """Load and validate ``ENGINE_DIR/deploykit.json`` (or a path to the JSON file itself).
+
+        Validation happens once, here: structure (:meth:`validate`), meaning (:meth:`validate_semantics`), every
+        named file confined to the engine directory, and (``verify``) every graph's sha256 (:meth:`verify_files`),
+        so a tampered or escaping engine is refused before anything runs.
+        """
         path = Path(engine_dir)
         if path.is_dir():
             path = path / MANIFEST_NAME
-        if not path.exists():
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
             raise ManifestError(
-                f"no manifest at {path}; point at a directory written by `deploykit export RUN_DIR -o ENGINE_DIR`"
+                f"no manifest at {path} (it {what}); point at a directory written by "
+                "`deploykit export RUN_DIR -o ENGINE_DIR`"
             )
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
             raise ManifestError(f"{path} is not valid JSON ({e}); re-export the model") from e
-        return cls.from_dict(data, root=path.parent)
+        except OSError as e:
+            raise ManifestError(f"can't read {path} ({e})") from e
+        m = cls.from_dict(data, root=path.parent)
+        for file, _ in m.named_files():
+            m.path_of(file)
+        if verify:
+            m.verify_files()
+        return m
 
     def save(self, engine_dir: str | os.PathLike | None = None) -> Path:
         """Write the manifest atomically (temp file + rename), so a crash never leaves half a manifest."""
@@ -258,12 +291,114 @@ class Manifest:
         specs = list(self.stages) + ([self.monolithic] if self.monolithic else [])
         for s in specs:
             p = self.path_of(s.file)
-            if not p.exists():
+            if not p.is_file():
                 raise ManifestError(f"graph file {p} named by the manifest is missing; re-export the model")
-            if verify_hash and s.sha256 and file_sha256(p) != s.sha256:
-                raise ManifestError(
-                    f"{p} does not match the hash recorded in the manifest (file replaced or corrupt); re-export"
-                )
+        if verify_hash:
+            self.verify_files()
+
+    def verify_files(self) -> None:
+        """Every named file that has a recorded sha256 must exist and still hash to it (one streamed read each).
+
+        Raises:
+            ManifestError: naming the first file that is missing, replaced or corrupt.
+        """
+        for file, digest in self.named_files():
+            if not digest:
+                continue
+            p = self.path_of(file)
+            if not p.is_file():
+                raise ManifestError(f"{file} named by {self.root}/{MANIFEST_NAME} is missing; re-export the model")
+            if file_sha256(p) != digest:
+                raise ManifestError(f"{p} does not match the sha256 recorded in the manifest (file replaced or "
+                                    "corrupt); refusing to run it — re-export the model or restore the file")
+
+    def validate_semantics(self) -> None:
+        """What the numbers mean must hold, checked once at load: name, labels, preprocessing, shapes, thresholds.
+
+        A manifest that parses but can't be served right (std 0, a label count the graphs don't have, NaN
+        thresholds...) is refused here with a one-line error instead of failing per request.
+        """
+        _check_name(self.name)
+        if self.task == "classification" and not self.labels:
+            raise ManifestError("manifest lists no labels; re-export the model")
+        pre = self.preprocessing
+        if len(pre.input_size) != 3 or any(v < 1 for v in pre.input_size):
+            raise ManifestError(f"preprocessing.input_size must be [C, H, W] of positive integers, found "
+                                f"{pre.input_size}")
+        c = pre.input_size[0]
+        for key in ("mean", "std"):
+            vals = getattr(pre, key)
+            if len(vals) != c or not all(math.isfinite(v) for v in vals):
+                raise ManifestError(f"preprocessing.{key} must be {c} finite numbers (one per channel), found {vals}")
+        if any(v == 0 for v in pre.std):
+            raise ManifestError(f"preprocessing.std {pre.std} has a 0 (division by zero); re-export the model")
+        if not 0 < pre.crop_pct <= 1 or not math.isfinite(pre.crop_pct):
+            raise ManifestError(f"preprocessing.crop_pct must be in (0, 1], found {pre.crop_pct}")
+        for s in list(self.stages) + ([self.monolithic] if self.monolithic else []):
+            for t in s.inputs + s.outputs:
+                _check_dims(s.file, t)
+        if self.task == "classification":
+            want = self.stages[0].inputs[0].shape[1:]
+            if list(want) != list(pre.input_size):
+                raise ManifestError(f"preprocessing.input_size {pre.input_size} doesn't match the graph input "
+                                    f"{self.stages[0].inputs[0].name} {want}; re-export the model")
+        for t in self.exit_policy.thresholds:
+            if t is not None and not math.isfinite(t):
+                raise ManifestError(f"exit_policy.thresholds {self.exit_policy.thresholds} has a non-finite value; "
+                                    "run `deploykit calibrate` again")
+        _check_calibration(self.calibration)
+
+
+def resolve_inside(root: str | os.PathLike, rel: str) -> Path:
+    """``root / rel`` with symlinks resolved, refused unless it stays inside ``root`` (also resolved).
+
+    Manifests are data: a ``file`` of ``../../x``, an absolute path or a symlink out of the engine directory
+    must never make deploykit read, run or copy a file elsewhere.
+    """
+    base = Path(root).resolve()
+    if not isinstance(rel, str) or not rel or "\x00" in rel or Path(rel).is_absolute():
+        raise ManifestError(f"manifest names the file {rel!r}; files must be relative paths inside the engine "
+                            f"directory {base}")
+    p = (base / rel).resolve()
+    if not p.is_relative_to(base) or p == base:
+        raise ManifestError(f"manifest file {rel!r} resolves to {p}, outside the engine directory {base}; "
+                            "refusing to use it (re-export the model, or copy the file into the directory)")
+    return p
+
+
+def _check_name(name: str) -> None:
+    bad = not name or name.startswith(".") or any(ch in name for ch in '/\\\x00') or len(name) > 200
+    if bad or not name.isprintable():
+        raise ManifestError(f"model name {name!r} can't be served (it becomes a URL path segment and a Triton "
+                            "directory): use letters, digits, '-', '_' or '.', without '/'")
+
+
+def _check_dims(file: str, t: TensorSpec) -> None:
+    for i, d in enumerate(t.shape):
+        ok = isinstance(d, str) if i == 0 else (isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool)
+                                                                          and d >= 1))
+        if not ok:
+            raise ManifestError(f"{file}: tensor {t.name!r} has shape {t.shape}; dimensions must be positive "
+                                "integers or named axes — re-export the model")
+
+
+def _check_calibration(cal: Any) -> None:
+    if cal is None:
+        return
+    if not isinstance(cal, dict):
+        raise ManifestError(f"calibration must be an object or null, found {type(cal).__name__}; run "
+                            "`deploykit calibrate` again")
+    test = cal.get("test")
+    if test is None:
+        return
+    fields = ("cascade_accuracy", "flops_ratio", "full_accuracy")
+    if not isinstance(test, dict) or not all(_is_number(test.get(k)) for k in fields):
+        raise ManifestError(f"calibration.test must hold numbers {list(fields)}, found {str(test)[:120]}; run "
+                            "`deploykit calibrate` again")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def as_manifest(engine: str | os.PathLike | Manifest) -> Manifest:

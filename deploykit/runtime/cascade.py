@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.backends import Runner, create_runner
-from deploykit.errors import DataError
+from deploykit.errors import BackendError, DataError
 from deploykit.manifest import Manifest
 from deploykit.runtime.exit_step import ExitState, softmax  # noqa: F401  (softmax: re-exported)
 
@@ -60,7 +60,11 @@ class Cascade:
             kwargs["threads"] = threads
         runners = [create_runner(manifest.path_of(s.file), backend, **kwargs) for s in manifest.stages]
         cascade = cls(manifest, runners)
-        cascade.check_graphs()
+        try:
+            cascade.check_graphs()
+        except BaseException:
+            cascade.close()
+            raise
         return cascade
 
     def check_graphs(self) -> None:
@@ -75,6 +79,20 @@ class Cascade:
                     f"graph {spec.file} has inputs {runner.input_names} and outputs {runner.output_names}, but the "
                     f"manifest says {want_in} -> {want_out}; the manifest and graphs don't belong together — re-export"
                 )
+        self.check_classes()
+
+    def check_classes(self) -> None:
+        """One row of zeros through every stage: each exit must have as many classes as the manifest has labels."""
+        from deploykit.errors import ManifestError
+
+        feeds: dict[str, Any] = {self.manifest.input_spec.name: np.zeros([1, *self._input_shape], np.float32)}
+        for spec, runner in zip(self.manifest.stages, self.runners):
+            res = runner.run(feeds)
+            width = runner.to_host(res[spec.exit_logits]).shape[-1]
+            if width != self.manifest.num_classes:
+                raise ManifestError(f"graph {spec.file} has {width} classes but the manifest lists "
+                                    f"{self.manifest.num_classes} labels; fix the labels or re-export the model")
+            feeds = {t.name: res[t.name] for t in spec.outputs}
 
     # ---- input checks --------------------------------------------------------------------------------------
     def validate_input(self, x: Any) -> np.ndarray:
@@ -128,6 +146,7 @@ class Cascade:
             names = [t.name for t in spec.outputs]
             feeds = ({nm: res[nm] for nm in names} if len(keep) == running
                      else {nm: runner.take(res[nm], keep) for nm in names})
+        _check_finite(state.logits, state.score, state.exit_stage, self.manifest)
         return CascadeResult(state.logits, state.probs(), state.exit_stage, state.score, sizes)
 
     def run_all_exits(self, x: np.ndarray, batch_size: int = 64) -> list[dict[str, np.ndarray]]:
@@ -141,7 +160,10 @@ class Cascade:
                 outs[k]["logits"].append(runner.to_host(res[spec.exit_logits]))
                 outs[k]["score"].append(runner.to_host(res[spec.exit_score]))
                 feeds = {t.name: res[t.name] for t in spec.outputs}
-        return [{key: np.concatenate(v) for key, v in o.items()} for o in outs]
+        res = [{key: np.concatenate(v) for key, v in o.items()} for o in outs]
+        for k, o in enumerate(res):
+            _check_finite(o["logits"], o["score"], np.full(len(o["score"]), k), self.manifest)
+        return res
 
     def close(self) -> None:
         for r in self.runners:
@@ -152,6 +174,16 @@ class Cascade:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _check_finite(logits: np.ndarray, score: np.ndarray, exit_stage: np.ndarray, manifest: Manifest) -> None:
+    """Refuse non-finite outputs: a NaN must never reach a client, a threshold search or a JSON body as a number."""
+    bad = ~(np.isfinite(logits).all(axis=1) & np.isfinite(score))
+    if bad.any():
+        stages = sorted({int(s) for s in exit_stage[bad]})
+        files = ", ".join(manifest.stages[s].file for s in stages)
+        raise BackendError(f"the engine produced NaN or infinite outputs for {int(bad.sum())} row(s) at stage(s) "
+                           f"{stages} ({files}); the graph or its weights are broken — re-export the model")
 
 
 def stage_costs(manifest: Manifest) -> tuple[np.ndarray, float]:

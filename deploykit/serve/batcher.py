@@ -2,7 +2,8 @@
 
 Policy (documented in docs/serve.md):
 - The batch size counts rows, not requests. A request larger than ``max_batch_size`` is split across consecutive
-  batches (its rows stay in order) and its response waits for all its parts; a batch is filled by taking part
+  batches and its response waits for all its parts, put back in row order by offset (with ``instances`` > 1
+  the batches finish in any order); a batch is filled by taking part
   of the next request when only part of it fits, so batches run full under load.
 - The delay is measured from the arrival of the oldest waiting request (Triton's semantics): a batch runs as soon
   as it is full, or when its oldest request has waited ``max_queue_delay``.
@@ -41,7 +42,7 @@ class _Pending:
     future: asyncio.Future
     enqueued: float
     taken: int = 0
-    parts: list[dict[str, np.ndarray]] = field(default_factory=list)
+    parts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # row offset -> that part's result
     done_rows: int = 0
     queue_seconds: float = 0.0
 
@@ -238,10 +239,16 @@ class Batcher:
             if error is not None:
                 p.future.set_exception(error)
                 continue
-            p.parts.append({k: v[off:off + n] for k, v in result.items() if isinstance(v, np.ndarray)})
+            p.parts[a] = {k: v[off:off + n] for k, v in result.items() if isinstance(v, np.ndarray)}
             p.done_rows += n
             off += n
             if p.done_rows == p.rows.shape[0]:
-                merged = p.parts[0] if len(p.parts) == 1 else {
-                    k: np.concatenate([q[k] for q in p.parts]) for k in p.parts[0]}
-                p.future.set_result(merged)
+                p.future.set_result(_reassemble(p.parts))
+
+
+def _reassemble(parts: dict[int, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A split request's parts in row order: with several instances, batches finish in any order."""
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    ordered = [parts[a] for a in sorted(parts)]
+    return {k: np.concatenate([q[k] for q in ordered]) for k in ordered[0]}

@@ -89,10 +89,10 @@ class CascadeModel(ServedModel):
         super().__init__(manifest, engine)
         self.info = protocol.ModelInfo.from_manifest(manifest)
         self.num_stages = self.info.num_stages
-        from deploykit.data.preprocess import load_image, preprocess_image
+        from deploykit.data.preprocess import decode_image
 
         pre = manifest.preprocessing
-        self._decode = lambda data: preprocess_image(load_image(data), pre)
+        self._decode = lambda data: decode_image(data, pre)  # pixel budget checked from the header first
 
     @classmethod
     def open(cls, engine_dir: str | os.PathLike, backend: str, threads: int | None) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from deploykit.errors import DataError
+from deploykit.serve import limits
 
 HEADER_LENGTH = "inference-header-content-length"
 OUTPUT_NAMES = ("label", "probabilities", "exit_stage", "score", "class_index")
@@ -116,9 +118,17 @@ def parse_infer_request(body: bytes, headers: dict[str, str], info: ModelInfo,
     Raises:
         ProtocolError: 400 with a message saying what was expected.
     """
+    try:
+        return _parse(body, headers, info, decode_image)
+    except limits.LimitError as e:
+        raise ProtocolError(str(e)) from e
+
+
+def _parse(body: bytes, headers: dict[str, str], info: ModelInfo,
+           decode_image: Callable[[bytes], np.ndarray]) -> InferRequest:
     header, binary = _split_body(body, headers)
     try:
-        req = json.loads(header)
+        req = limits.loads_bounded(header)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"request body is not valid JSON ({e}); expected a KServe v2 infer request "
                             '{"inputs": [{"name", "shape", "datatype", "data"}]}') from e
@@ -131,12 +141,10 @@ def parse_infer_request(body: bytes, headers: dict[str, str], info: ModelInfo,
                             f"BYTES [B]), found {_describe_inputs(inputs)}")
     tensor = inputs[0]
     dtype = tensor.get("datatype")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError(f"input 'shape' must be a list of non-negative integers, found {shape!r}")
+    shape = limits.check_shape(tensor.get("shape"))
     raw = _binary_part(tensor, binary)
     if dtype == "FP32":
-        rows = _fp32_rows(tensor, shape, raw, info)
+        rows = _fp32_rows(tensor, shape, raw, info, max_values=len(header))
     elif dtype == "BYTES":
         rows = _bytes_rows(tensor, shape, raw, info, decode_image)
     else:
@@ -175,7 +183,7 @@ def parse_thresholds(params: Any, num_stages: int) -> tuple[float | None, ...] |
 
 
 def _threshold(t: Any) -> float:
-    if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= float(t) <= 1.0:
+    if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= float(t) <= 1.0:  # NaN fails too
         raise ProtocolError(f"exit thresholds must be numbers in [0, 1] (a row exits when score >= threshold), "
                             f"found {t!r}")
     return float(t)
@@ -199,13 +207,15 @@ def _binary_part(tensor: dict[str, Any], binary: bytes) -> bytes | None:
     if not isinstance(params, dict) or "binary_data_size" not in params:
         return None
     n = params["binary_data_size"]
-    if not isinstance(n, int) or n != len(binary):
+    if isinstance(n, bool) or not isinstance(n, int) or n != len(binary):
         raise ProtocolError(f"binary_data_size {n!r} doesn't match the {len(binary)} binary bytes after the JSON "
                             "header")
     return binary
 
 
-def _fp32_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info: ModelInfo) -> np.ndarray:
+def _fp32_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info: ModelInfo,
+               max_values: int) -> np.ndarray:
+    """``max_values``: JSON header length, a bound on how many numbers its ``data`` can hold."""
     chw = list(info.input_shape)
     want = f"[B,{','.join(map(str, chw))}]"
     if shape[1:] != chw or len(shape) != 4:
@@ -213,7 +223,7 @@ def _fp32_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info
             raise ProtocolError(f"FP32 input shape {shape} doesn't fit this model; expected {want} "
                                 "(pre-processed pixels, normalised per the model's preprocessing)")
         shape = [1, *chw]
-    count = int(np.prod(shape))
+    count = limits.check_count(shape, len(raw) // 4 if raw is not None else max_values, "values")
     if raw is not None:
         if len(raw) != count * 4:
             raise ProtocolError(f"binary FP32 data has {len(raw)} bytes; shape {shape} needs {count * 4}")
@@ -223,19 +233,20 @@ def _fp32_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info
         raise ProtocolError("input has no 'data' (and no binary_data_size); expected row-major FP32 values")
     try:
         arr = np.asarray(data, dtype=np.float64)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise ProtocolError(f"FP32 input 'data' must be numbers (flat or nested row-major), found an invalid "
                             f"value ({e})") from e
     if arr.size != count:
         raise ProtocolError(f"FP32 input 'data' has {arr.size} values; shape {shape} needs {count}")
-    return arr.astype(np.float32).reshape(shape)
+    with np.errstate(over="ignore"):  # values past float32's range become inf, refused as non-finite below
+        return arr.astype(np.float32).reshape(shape)
 
 
 def _bytes_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info: ModelInfo,
                 decode_image: Callable[[bytes], np.ndarray]) -> np.ndarray:
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise ProtocolError(f"BYTES input shape {shape} is not supported; expected [B] (one image file per row)")
-    count = shape[0]
+    count = math.prod(shape)
     if raw is not None:
         items = _unpack_bytes(raw)
     else:
@@ -249,7 +260,7 @@ def _bytes_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, inf
     for i, item in enumerate(items):
         try:
             rows[i] = decode_image(_maybe_base64(item))
-        except DataError as e:
+        except DataError as e:  # decode_image turns every failure on an untrusted file into a DataError
             raise ProtocolError(f"row {i}: {e}") from e
     return rows
 

@@ -139,3 +139,38 @@ def test_instances_need_a_thread_safe_backend(engine_dir):
 
     with pytest.raises(ConfigError, match="ort-cpu"):
         serve_local(engine_dir, backend="ort-cuda", instances=2)
+
+
+class _Jitter:
+    """The real cascade with a random per-batch delay, so with two instances batches finish out of order."""
+
+    def __init__(self, cascade: Any) -> None:
+        import random
+        import threading
+
+        self.cascade, self.manifest = cascade, cascade.manifest
+        self.rng, self.lock = random.Random(0), threading.Lock()
+
+    def run(self, x: np.ndarray, thresholds: Any = None) -> Any:
+        with self.lock:
+            delay = self.rng.choice([0.0, 0.0, 0.03, 0.08])
+        time.sleep(delay)
+        return self.cascade.run(x, thresholds)
+
+
+def test_split_requests_with_two_instances_get_every_row_back_in_place(cascade):
+    """Requests of 3..7 rows split over batches of 2, run on two threads that finish in random order: every row
+    of every answer must equal the offline cascade's row at the same position."""
+    app = create_app(_Jitter(cascade), ServeConfig(max_batch_size=2, max_queue_delay_ms=2, instances=2))
+    xs = [rows(3 + i % 5, seed=100 + i) for i in range(36)]
+    want = [cascade.run(x) for x in xs]
+    with ThreadServer(app) as s:
+        url = s.url + "/v2/models/tiny/infer"
+        with ThreadPoolExecutor(12) as ex:
+            results = list(ex.map(lambda x: http(url, fp32_request(x)), xs))
+    for x, w, (code, _, body) in zip(xs, want, results):
+        assert code == 200, body
+        out = outputs(body)
+        assert out["probabilities"].shape == (len(x), 10)
+        np.testing.assert_allclose(out["probabilities"], w.probs, atol=1e-5)
+        np.testing.assert_array_equal(out["exit_stage"], w.exit_stage)
