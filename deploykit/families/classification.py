@@ -99,8 +99,8 @@ class ClassificationFamily(Family):
         for s, t in zip(m.stages, m.thresholds()):
             lines.append(f"  stage {s.index}: {s.file} blocks {s.blocks[:1]}..{s.blocks[-1:]} {s.flops / 1e6:.1f} "
                          f"MFLOPs + head {s.exit_flops / 1e6:.2f} MFLOPs, threshold {t}")
-        if m.calibration:
-            t = m.calibration["test"]
+        t = (m.calibration or {}).get("test") or {}
+        if all(k in t for k in ("cascade_accuracy", "flops_ratio", "full_accuracy")):
             lines.append(f"  calibrated: test cascade {100 * t['cascade_accuracy']:.2f}% at "
                          f"{100 * t['flops_ratio']:.1f}% FLOPs (full {100 * t['full_accuracy']:.2f}%)")
         return "\n".join(lines)
