@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -81,15 +83,28 @@ def test_bad_thresholds(trained_engine):
             c.run(x, thresholds=[float("nan")])
 
 
+def _rehash(engine_dir, file):
+    """Record a replaced file's hash, as a hand-edited manifest would, so the checks behind the hash are reached."""
+    from deploykit.manifest import MANIFEST_NAME, file_sha256
+
+    raw = json.loads((engine_dir / MANIFEST_NAME).read_text())
+    for s in raw["stages"]:
+        if s["file"] == file:
+            s["sha256"] = file_sha256(engine_dir / file)
+    (engine_dir / MANIFEST_NAME).write_text(json.dumps(raw))
+
+
 def test_graph_not_matching_manifest(engine_copy):
     # stage 1's graph in stage 2's place: names don't match what the manifest promises
     (engine_copy / "stage2.onnx").write_bytes((engine_copy / "stage0.onnx").read_bytes())
+    _rehash(engine_copy, "stage2.onnx")
     with pytest.raises(ManifestError, match="don't belong together"):
         Cascade.from_dir(engine_copy)
 
 
 def test_corrupt_graph(engine_copy):
     (engine_copy / "stage1.onnx").write_bytes(b"this is not onnx")
+    _rehash(engine_copy, "stage1.onnx")
     with pytest.raises(BackendError, match="could not load"):
         Cascade.from_dir(engine_copy)
 
