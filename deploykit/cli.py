@@ -56,18 +56,30 @@ def main() -> None:
 @main.command()
 @click.option("--recipe", "-r", type=click.Path(dir_okay=False), help="YAML recipe file.")
 @click.option("--method", help="Method name (overrides method.name).")
-@click.option("--backbone", help="timm ViT name (overrides backbone.name).")
+@click.option("--backbone", help="timm ViT name, optionally with a pretrained tag, or hf-hub:ORG/REPO "
+                                 "(overrides backbone.name).")
 @click.option("--data", help="Data spec: digits or imagefolder:PATH (overrides data.spec).")
-@click.option("--epochs", type=int)
+@click.option("--pretrained/--no-pretrained", default=None,
+              help="Start from the backbone's pretrained weights, from the local Hugging Face cache "
+                   "(backbone.pretrained; timm's --pretrained).")
+@click.option("--initial-checkpoint", type=click.Path(dir_okay=False),
+              help="Start from this weights file: safetensors, a state dict, or a timm train.py checkpoint such as "
+                   "model_best.pth.tar (backbone.checkpoint; timm's --initial-checkpoint).")
+@click.option("--use-ema/--no-use-ema", default=None,
+              help="With a timm checkpoint: require / refuse its EMA weights (default: EMA when present; "
+                   "backbone.checkpoint_ema).")
+@click.option("--img-size", type=int, help="Input resolution (backbone.kwargs.img_size; timm's --img-size).")
+@click.option("--epochs", type=int, help="Training epochs (train.epochs).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (the schedule keeps its length).")
 @click.option("--batch-size", type=int, help="Global batch size (split across torchrun processes).")
-@click.option("--lr", type=float)
-@click.option("--seed", type=int)
+@click.option("--lr", type=float, help="Peak learning rate after warm-up (train.lr).")
+@click.option("--seed", type=int, help="Seed for initialisation, data order and augmentation (train.seed).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any recipe key, e.g. train.lr=3e-4.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory.")
 @_friendly_errors
-def train(recipe: str | None, method: str | None, backbone: str | None, data: str | None, epochs: int | None,
+def train(recipe: str | None, method: str | None, backbone: str | None, data: str | None, pretrained: bool | None,
+          initial_checkpoint: str | None, use_ema: bool | None, img_size: int | None, epochs: int | None,
           max_steps: int | None, batch_size: int | None, lr: float | None, seed: int | None, sets: tuple[str, ...],
           out: str | None, resume: str | None) -> None:
     """Train a multi-exit model from a recipe; writes config.json, model.safetensors, metrics.jsonl (torchrun-ready)."""
@@ -76,7 +88,9 @@ def train(recipe: str | None, method: str | None, backbone: str | None, data: st
     from deploykit.train import train as run_training
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {"method.name": method, "backbone.name": backbone, "data.spec": data, "train.epochs": epochs,
+    overrides = {"method.name": method, "backbone.name": backbone, "data.spec": data,
+                 "backbone.pretrained": pretrained, "backbone.checkpoint": initial_checkpoint,
+                 "backbone.checkpoint_ema": use_ema, "backbone.kwargs.img_size": img_size, "train.epochs": epochs,
                  "train.max_steps": max_steps, "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
     run_dir = run_training(recipe, out=out, resume=resume, overrides=overrides, sets=sets)
     click.echo(str(run_dir))
