@@ -146,7 +146,11 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike, ema: bool |
 
 
 def backbone_data_config(model: nn.Module) -> dict[str, Any]:
-    """The backbone's preprocessing (input size, mean, std, interpolation) from timm's data config."""
+    """The backbone's eval preprocessing from timm's data config (its pretrained cfg): size, crop, mean, std.
+
+    Recorded in the run config and the manifest; :func:`deploykit.data.preprocess.preprocess_image` applies it the
+    same way in training, evaluation, predict and serve.
+    """
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
@@ -160,5 +164,6 @@ def backbone_data_config(model: nn.Module) -> dict[str, Any]:
         "mean": [float(v) for v in cfg["mean"]],
         "std": [float(v) for v in cfg["std"]],
         "interpolation": str(cfg.get("interpolation", "bicubic")),
-        "crop_pct": 1.0,
+        "crop_pct": float(cfg.get("crop_pct") or 0.875),
+        "crop_mode": str(cfg.get("crop_mode") or "center"),
     }
