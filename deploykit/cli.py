@@ -166,11 +166,14 @@ def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] |
           compare: str | None, backend: str) -> None:
     """Time monolithic, exit-less chain, cascade (and PyTorch eager) side by side; report speed-ups."""
     from deploykit.tune.bench import bench as run_bench
+    from deploykit.tune.report import bench_summary
 
     r = run_bench(engine_dir, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
                   data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
                   backend=backend, progress=True, compare=compare)
-    _echo_json({"runs": r["runs"], **({"plot": r["plot"]} if "plot" in r else {})})
+    for w in r.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    click.echo(bench_summary(r, json_out))
 
 
 @main.command()
