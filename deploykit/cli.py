@@ -42,8 +42,12 @@ def _csv(kind: Callable) -> Callable:
     return parse
 
 
-def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2))
+def _write_json(path: str, obj: Any) -> None:
+    """``--json PATH``: the full report goes to a file; the terminal gets a one-line summary."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -106,7 +110,7 @@ _BACKEND = click.option("--backend", default="ort-cpu", show_default=True,
 @click.option("--score", type=click.Choice(["max_softmax", "entropy"]), help="Exit score (default: the method's).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against PyTorch on real test inputs.")
 @click.option("--parity-samples", default=256, show_default=True, help="Test images used for the parity check.")
-@click.option("--opset", default=18, show_default=True)
+@click.option("--opset", default=18, show_default=True, help="ONNX opset of the exported graphs.")
 @click.option("--check-trt", is_flag=True, help="Also lint every graph for TensorRT (no TensorRT needed).")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
 @_friendly_errors
@@ -138,7 +142,9 @@ def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: 
     r = run_calibration(engine_dir, data=data, max_drop=max_drop, flops_budget=flops_budget, json_out=json_out,
                         backend=backend)
     if "tasks" in r:  # MuE engine: per-task thresholds
-        _echo_json({t: {"thresholds": v["thresholds"], "test": v["test"]} for t, v in r["tasks"].items()})
+        from deploykit.tune.report import mue_calibration_summary
+
+        click.echo(mue_calibration_summary(r, json_out))
         return
     t = r["test"]
     click.echo(f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: full "
@@ -148,13 +154,16 @@ def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: 
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.option("--batch-sizes", default="1,32", show_default=True, callback=_csv(int))
+@click.option("--batch-sizes", default="1,32", show_default=True, callback=_csv(int),
+              help="Comma-separated batch sizes to time.")
 @click.option("--exit-fractions", callback=_csv(float), help="Fix the exit distribution, e.g. 0.4,0.3,0.2,0.1.")
 @click.option("--checkpoint", type=click.Path(file_okay=False), help="Run directory: adds PyTorch eager.")
-@click.option("--data", help="Use this data source's test split as inputs (default: random inputs).")
+@click.option("--data", help="Inputs from this data source's test split, e.g. digits (default: random inputs, which "
+                             "decide the exits when --exit-fractions is not given).")
 @click.option("--samples", default=64, show_default=True, help="Inputs per timed pass.")
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--warmup", default=2, show_default=True)
+@click.option("--repeats", default=5, show_default=True,
+              help="Timed passes per variant; figures are min / median / max over them.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed passes per variant first.")
 @click.option("--threads", type=int, help="Intra-op threads (default: usable cores).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @click.option("--compare", type=click.Path(file_okay=False),
@@ -181,11 +190,13 @@ def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] |
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="INT8 engine directory.")
 @click.option("--mode", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
               help="dynamic: ORT CPU only; static: calibrated QDQ graphs (ORT CPU and TensorRT).")
-@click.option("--calib-data", default="digits", show_default=True, help="Static: digits or imagefolder:PATH (train).")
+@click.option("--calib-data", default=None,
+              help="Static: digits or imagefolder:PATH (its train split); default: the data the engine was trained "
+                   "on (manifest provenance.data). Classes must match the engine's.")
 @click.option("--calib-samples", default=256, show_default=True, type=int, help="Static: calibration images.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory at --out.")
 @_friendly_errors
-def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_samples: int, force: bool) -> None:
+def quantize(engine_dir: str, out: str, mode: str, calib_data: str | None, calib_samples: int, force: bool) -> None:
     """Write an INT8 copy of ENGINE_DIR (exit heads and scores stay FP32); re-run calibrate on it afterwards."""
     from deploykit.graphs.quantize import quantize as run_quantize
 
@@ -199,7 +210,7 @@ def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_sample
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--thresholds", callback=_csv(float), help="Override the manifest's thresholds (one per early exit).")
 @click.option("--text", "texts", multiple=True, help="MuE engines: one hypothesis per image (entailment).")
 @click.option("--task", type=click.Choice(["entailment", "caption"]), help="MuE engines: what to generate.")
@@ -207,19 +218,28 @@ def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_sample
 @_friendly_errors
 def predict(engine_dir: str, images: tuple[str, ...], thresholds: list[float] | None, texts: tuple[str, ...],
             task: str | None, backend: str) -> None:
-    """Classify image files (or, for MuE engines, answer / caption them); one JSON line per image."""
-    from deploykit.tune.predict import predict as run_predict
+    """Classify image files and directories (MuE engines: answer / caption them); one JSON line per image.
 
-    for r in run_predict(engine_dir, list(images), backend=backend, thresholds=thresholds,
-                         texts=list(texts) or None, task=task):
+    A file that can't be decoded gets a line {"image": ..., "error": ...} and the rest go on; the exit code is then 1.
+    """
+    from deploykit.tune.predict import iter_predict
+
+    failed = 0
+    for r in iter_predict(engine_dir, list(images), backend=backend, thresholds=thresholds,
+                          texts=list(texts) or None, task=task):
+        failed += "error" in r
         click.echo(json.dumps(r))
+    if failed:
+        click.echo(f"error: {failed} image(s) could not be read; see their \"error\" lines", err=True)
+        sys.exit(1)
 
 
 @main.command()
 @click.argument("data", default="digits")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+              help="Which split to take the images from.")
 @click.option("-n", "count", default=8, show_default=True, help="How many images.")
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder to write them to.")
 @_friendly_errors
 def samples(data: str, split: str, count: int, out: str) -> None:
     """Write images of a data split as PNG files (e.g. to try `deploykit predict`)."""
@@ -260,8 +280,8 @@ def info(engine_dir: str) -> None:
 @main.command("serve-local")
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you say so).")
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda, ort-trt or trt.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="TCP port to listen on.")
+@_BACKEND
 @click.option("--max-batch-size", default=32, show_default=True, type=int, help="Rows per cascade run.")
 @click.option("--max-queue-delay-ms", default=5.0, show_default=True, type=float,
               help="How long the oldest request waits for a batch to fill.")
@@ -288,24 +308,24 @@ def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_bat
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--target", default="10.3", show_default=True, help="TensorRT version to check (10.3 = JetPack 6).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here as JSON.")
 @_friendly_errors
-def lint(engine_dir: str, target: str, as_json: bool) -> None:
+def lint(engine_dir: str, target: str, json_out: str | None) -> None:
     """Check ENGINE_DIR's graphs against TensorRT's ONNX support, offline (no GPU or TensorRT needed)."""
     from deploykit.graphs.trt_lint import lint_engine_dir
 
     report = lint_engine_dir(engine_dir, target=target)
-    if as_json:
-        _echo_json(report.to_dict())
-    else:
-        click.echo(report.format())
+    if json_out is not None:
+        _write_json(json_out, report.to_dict())
+    click.echo(report.format() + (f"\nreport {json_out}" if json_out else ""))
     if not report.ok:
         sys.exit(1)
 
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="Engine precision (fp16: half-precision kernels where TensorRT allows).")
 @click.option("--max-batch", default=32, show_default=True, type=int, help="Largest batch the engines accept.")
 @click.option("--opt-batch", default=None, type=int, help="Batch the kernels are tuned for (default: min(8, max)).")
 @click.option("--workspace", "workspace_mb", default=None, type=int, help="Builder workspace limit in MB.")
@@ -354,7 +374,8 @@ def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: i
 @click.option("--address", default="local", show_default=True,
               help="'local' starts a Ray cluster on 127.0.0.1; 'auto' or HOST:PORT joins a running one.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address Serve's HTTP proxy binds.")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of Serve's HTTP proxy.")
 @click.option("--replicas", default=None, help="Replicas per stage, e.g. 2,1,1,1 (default: the sizing rule).")
 @click.option("--total-replicas", default=None, type=int,
               help="Replicas the sizing rule splits by exit fractions x stage cost (default: one per stage).")

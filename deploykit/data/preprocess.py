@@ -62,7 +62,7 @@ def load_image(source: str | os.PathLike | bytes) -> Any:
         return img
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         name = "request bytes" if isinstance(source, bytes | bytearray) else str(source)
-        raise DataError(f"can't decode image {name}: {e}; send a PNG, JPEG, BMP, GIF or WebP file") from e
+        raise DataError(f"can't decode image {name}: {e}; send a PNG, JPEG, BMP, GIF, TIFF or WebP file") from e
 
 
 def _get(pre: Any, key: str, default: Any = None) -> Any:

@@ -295,7 +295,7 @@ def calibrate_mue(engine_dir: str | os.PathLike, data: str | None = None,
     if not manifest.task.startswith("vl"):
         raise ConfigError(f"{engine_dir} is not a MuE engine; use deploykit.tune.calibrate.calibrate")
     if layer_budget is not None and max_drop is not None:
-        raise ConfigError("give max_drop or a layer budget, not both")
+        raise ConfigError("give --max-drop or --flops-budget (a layer budget for MuE), not both")
     drops = dict(DEFAULT_MAX_DROP)
     if isinstance(max_drop, dict):
         drops.update(max_drop)
