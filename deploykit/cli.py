@@ -42,8 +42,12 @@ def _csv(kind: Callable) -> Callable:
     return parse
 
 
-def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2))
+def _write_json(path: str, obj: Any) -> None:
+    """``--json PATH``: the full report goes to a file; the terminal gets a one-line summary."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -56,18 +60,30 @@ def main() -> None:
 @main.command()
 @click.option("--recipe", "-r", type=click.Path(dir_okay=False), help="YAML recipe file.")
 @click.option("--method", help="Method name (overrides method.name).")
-@click.option("--backbone", help="timm ViT name (overrides backbone.name).")
+@click.option("--backbone", help="timm ViT name, optionally with a pretrained tag, or hf-hub:ORG/REPO "
+                                 "(overrides backbone.name).")
 @click.option("--data", help="Data spec: digits or imagefolder:PATH (overrides data.spec).")
-@click.option("--epochs", type=int)
+@click.option("--pretrained/--no-pretrained", default=None,
+              help="Start from the backbone's pretrained weights, from the local Hugging Face cache "
+                   "(backbone.pretrained; timm's --pretrained).")
+@click.option("--initial-checkpoint", type=click.Path(dir_okay=False),
+              help="Start from this weights file: safetensors, a state dict, or a timm train.py checkpoint such as "
+                   "model_best.pth.tar (backbone.checkpoint; timm's --initial-checkpoint).")
+@click.option("--use-ema/--no-use-ema", default=None,
+              help="With a timm checkpoint: require / refuse its EMA weights (default: EMA when present; "
+                   "backbone.checkpoint_ema).")
+@click.option("--img-size", type=int, help="Input resolution (backbone.kwargs.img_size; timm's --img-size).")
+@click.option("--epochs", type=int, help="Training epochs (train.epochs).")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (the schedule keeps its length).")
 @click.option("--batch-size", type=int, help="Global batch size (split across torchrun processes).")
-@click.option("--lr", type=float)
-@click.option("--seed", type=int)
+@click.option("--lr", type=float, help="Peak learning rate after warm-up (train.lr).")
+@click.option("--seed", type=int, help="Seed for initialisation, data order and augmentation (train.seed).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any recipe key, e.g. train.lr=3e-4.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Run directory (default runs/<name>).")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory.")
 @_friendly_errors
-def train(recipe: str | None, method: str | None, backbone: str | None, data: str | None, epochs: int | None,
+def train(recipe: str | None, method: str | None, backbone: str | None, data: str | None, pretrained: bool | None,
+          initial_checkpoint: str | None, use_ema: bool | None, img_size: int | None, epochs: int | None,
           max_steps: int | None, batch_size: int | None, lr: float | None, seed: int | None, sets: tuple[str, ...],
           out: str | None, resume: str | None) -> None:
     """Train a model from a recipe (any family); writes config.json, model.safetensors, metrics.jsonl."""
@@ -76,7 +92,9 @@ def train(recipe: str | None, method: str | None, backbone: str | None, data: st
     from deploykit.families import family_for_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {"method.name": method, "backbone.name": backbone, "data.spec": data, "train.epochs": epochs,
+    overrides = {"method.name": method, "backbone.name": backbone, "data.spec": data,
+                 "backbone.pretrained": pretrained, "backbone.checkpoint": initial_checkpoint,
+                 "backbone.checkpoint_ema": use_ema, "backbone.kwargs.img_size": img_size, "train.epochs": epochs,
                  "train.max_steps": max_steps, "train.batch_size": batch_size, "train.lr": lr, "train.seed": seed}
     family = family_for_recipe(recipe, overrides, resume)
     run_dir = family.train(recipe, out=out, resume=resume, overrides=overrides, sets=sets)
@@ -137,14 +155,16 @@ def calibrate(engine_dir: str, data: str | None, max_drop: float | None, flops_b
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.option("--batch-sizes", default="1,32", show_default=True, callback=_csv(int))
+@click.option("--batch-sizes", default="1,32", show_default=True, callback=_csv(int),
+              help="Comma-separated batch sizes to time.")
 @click.option("--exit-fractions", callback=_csv(float), help="Fix the exit distribution, e.g. 0.4,0.3,0.2,0.1.")
 @click.option("--checkpoint", type=click.Path(file_okay=False), help="Run directory: adds PyTorch eager.")
-@click.option("--data", help="Use this data source's test split as inputs (default: random inputs; MuE: the "
-                            "synthetic-vl scenes).")
+@click.option("--data", help="Inputs from this data source's test split, e.g. digits (default: random inputs, which "
+                             "decide the exits when --exit-fractions is not given).")
 @click.option("--samples", default=64, show_default=True, help="Inputs per timed pass.")
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--warmup", default=2, show_default=True)
+@click.option("--repeats", default=5, show_default=True,
+              help="Timed passes per variant; figures are min / median / max over them.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed passes per variant first.")
 @click.option("--threads", type=int, help="Intra-op threads (default: usable cores).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @click.option("--compare", type=click.Path(file_okay=False),
@@ -159,6 +179,8 @@ def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] |
     r = family.bench(manifest, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
                      data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
                      backend=backend, progress=True, compare=compare)
+    for w in r.data.get("warnings", []) if isinstance(r.data, dict) else []:
+        click.echo(f"warning: {w}", err=True)
     click.echo(r.text)
 
 
@@ -167,7 +189,9 @@ def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] |
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="INT8 engine directory.")
 @click.option("--mode", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
               help="dynamic: ORT CPU only; static: calibrated QDQ graphs (ORT CPU and TensorRT).")
-@click.option("--calib-data", help="Static: digits (default) or imagefolder:PATH (train split).")
+@click.option("--calib-data", default=None,
+              help="Static: digits or imagefolder:PATH (its train split); default: the data the engine was trained "
+                   "on (manifest provenance.data). Classes must match the engine's.")
 @click.option("--calib-samples", type=int, help="Static: calibration images [default: 256].")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory at --out.")
 @_friendly_errors
@@ -182,7 +206,7 @@ def quantize(engine_dir: str, out: str, mode: str, calib_data: str | None, calib
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--thresholds", callback=_csv(float), help="Override the manifest's thresholds (one per early exit).")
 @click.option("--text", "texts", multiple=True, help="MuE engines: one hypothesis per image (entailment).")
 @click.option("--task", type=click.Choice(["entailment", "caption"]), help="MuE engines: what to generate.")
@@ -190,18 +214,27 @@ def quantize(engine_dir: str, out: str, mode: str, calib_data: str | None, calib
 @_friendly_errors
 def predict(engine_dir: str, images: tuple[str, ...], thresholds: list[float] | None, texts: tuple[str, ...],
             task: str | None, backend: str) -> None:
-    """Classify image files (or, for MuE engines, answer / caption them); one JSON line per image."""
+    """Classify image files and directories (MuE engines: answer / caption them); one JSON line per image.
+
+    A file that can't be decoded gets a line {"image": ..., "error": ...} and the rest go on; the exit code is then 1.
+    """
+    failed = 0
     family, manifest = _engine(engine_dir)
     for r in family.predict(manifest, list(images), backend=backend, thresholds=thresholds,
                             texts=list(texts) or None, task=task):
+        failed += "error" in r
         click.echo(json.dumps(r))
+    if failed:
+        click.echo(f"error: {failed} image(s) could not be read; see their \"error\" lines", err=True)
+        sys.exit(1)
 
 
 @main.command()
 @click.argument("data", default="digits")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+              help="Which split to take the images from.")
 @click.option("-n", "count", default=8, show_default=True, help="How many images.")
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder to write them to.")
 @_friendly_errors
 def samples(data: str, split: str, count: int, out: str) -> None:
     """Write images of a data split as PNG files (e.g. to try `deploykit predict`)."""
@@ -234,8 +267,8 @@ def info(engine_dir: str) -> None:
 @main.command("serve-local")
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you say so).")
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda, ort-trt or trt.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="TCP port to listen on.")
+@_BACKEND
 @click.option("--max-batch-size", default=32, show_default=True, type=int, help="Rows per cascade run.")
 @click.option("--max-queue-delay-ms", default=5.0, show_default=True, type=float,
               help="How long the oldest request waits for a batch to fill.")
@@ -262,23 +295,23 @@ def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_bat
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--target", default="10.3", show_default=True, help="TensorRT version to check (10.3 = JetPack 6).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here as JSON.")
 @_friendly_errors
-def lint(engine_dir: str, target: str, as_json: bool) -> None:
+def lint(engine_dir: str, target: str, json_out: str | None) -> None:
     """Check ENGINE_DIR's graphs against TensorRT's ONNX support, offline (no GPU or TensorRT needed)."""
     family, manifest = _engine(engine_dir)
     report = family.lint(manifest, target=target)
-    if as_json:
-        _echo_json(report.to_dict())
-    else:
-        click.echo(report.format())
+    if json_out is not None:
+        _write_json(json_out, report.to_dict())
+    click.echo(report.format() + (f"\nreport {json_out}" if json_out else ""))
     if not report.ok:
         sys.exit(1)
 
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="Engine precision (fp16: half-precision kernels where TensorRT allows).")
 @click.option("--max-batch", default=32, show_default=True, type=int, help="Largest batch the engines accept.")
 @click.option("--opt-batch", default=None, type=int, help="Batch the kernels are tuned for (default: min(8, max)).")
 @click.option("--workspace", "workspace_mb", default=None, type=int, help="Builder workspace limit in MB.")
@@ -325,7 +358,8 @@ def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: i
 @click.option("--address", default="local", show_default=True,
               help="'local' starts a Ray cluster on 127.0.0.1; 'auto' or HOST:PORT joins a running one.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address Serve's HTTP proxy binds.")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of Serve's HTTP proxy.")
 @click.option("--replicas", default=None, help="Replicas per stage, e.g. 2,1,1,1 (default: the sizing rule).")
 @click.option("--total-replicas", default=None, type=int,
               help="Replicas the sizing rule splits by exit fractions x stage cost (default: one per stage).")

@@ -76,13 +76,18 @@ class StageSpec:
 
 @dataclass
 class Preprocessing:
-    """How raw images become the model's input tensor (from the backbone's timm data config)."""
+    """How raw images become the model's input tensor (from the backbone's timm data config).
+
+    ``crop_mode`` ``center`` is timm's eval transform (shorter side to ``size / crop_pct``, centre crop); absent
+    (manifests written before it was recorded) means ``squash``: the whole image stretched to the input size.
+    """
 
     input_size: list[int]
     mean: list[float]
     std: list[float]
     interpolation: str = "bicubic"
     crop_pct: float = 1.0
+    crop_mode: str = "squash"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
@@ -92,6 +97,7 @@ class Preprocessing:
             std=[float(v) for v in d["std"]],
             interpolation=str(d.get("interpolation", "bicubic")),
             crop_pct=float(d.get("crop_pct", 1.0)),
+            crop_mode=str(d.get("crop_mode", "squash")),
         )
 
 

@@ -76,6 +76,9 @@ class Runner(ABC):
     def close_impl(self) -> None:  # noqa: B027  (optional hook)
         """Free resources; default does nothing."""
 
+    def sync(self) -> None:  # noqa: B027  (optional hook)
+        """Wait until work this runner queued has finished (timers stop after this); CPU runners return at once."""
+
     # ---- device-agnostic array helpers the cascade uses (overridden by GPU runners) ------------------------
     def to_host(self, x: Any) -> np.ndarray:
         """Bring an output to host memory (a no-op for CPU runners)."""

@@ -269,6 +269,13 @@ class OrtIoBindingRunner(OrtRunner):
             raise BackendError(f"{self.name} failed: {e}") from e
         return out
 
+    def sync(self) -> None:
+        """Wait for the device work on torch's stream (outputs are torch tensors other kernels may still write)."""
+        if self._loaded:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
     def to_host(self, x: Any) -> np.ndarray:
         """Copy a device output to the host."""
         from deploykit.backends import cuda

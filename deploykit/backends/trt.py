@@ -215,6 +215,13 @@ class TrtRunner(Runner):
             raise BackendError(f"{self.name}: TensorRT execution failed; see the TensorRT log")
         return {n: bufs[n] for n in (outputs or self._outputs)}
 
+    def sync(self) -> None:
+        """Wait for the kernels enqueued on the device (``execute_async_v3`` returns before they finish)."""
+        if self._loaded:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
     def to_host(self, x: Any) -> np.ndarray:
         """Copy a device output to the host (only the exit scores and final rows need this)."""
         return cuda.to_host(x)

@@ -11,6 +11,7 @@ from typing import Any
 _LAZY = {
     "create_dataset": "deploykit.data.datasets", "data_info": "deploykit.data.datasets",
     "stack_split": "deploykit.data.datasets", "write_samples": "deploykit.data.datasets",
+    "check_labels": "deploykit.data.datasets",
     "load_image": "deploykit.data.preprocess", "preprocess_image": "deploykit.data.preprocess",
 }
 

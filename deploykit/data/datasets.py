@@ -160,6 +160,14 @@ def data_info(spec: str) -> DataInfo:
     raise UnknownNameError(f"unknown data source {spec!r}; expected 'digits' or 'imagefolder:PATH'")
 
 
+def check_labels(labels: list[str], spec: str, what: str = "calibrate") -> None:
+    """Refuse a data source whose classes differ from the model's (names and order), saying what to do."""
+    have = data_info(spec).labels
+    if have != list(labels):
+        raise DataError(f"data {spec!r} has classes {have[:10]} but the model was exported with {list(labels)[:10]}; "
+                        f"{what} on the data the model was trained for")
+
+
 def stack_split(spec: str, split: str, preprocessing: Any, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A whole split as ``(float32 [N, C, H, W], int64 [N])`` arrays, for calibration and benchmarks."""
     ds = create_dataset(spec, split, preprocessing)

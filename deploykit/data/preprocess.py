@@ -13,39 +13,40 @@ import numpy as np
 
 from deploykit.errors import DataError
 
-_INTERP = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}
-
-
-def _pil_interp(name: str) -> int:
-    return _INTERP.get(name, 3)
-
 
 def preprocess_image(img: Any, pre: Any) -> np.ndarray:
-    """PIL image -> normalised ``float32 [3, H, W]`` per the preprocessing spec.
+    """PIL image -> normalised ``float32 [C, H, W]`` per the preprocessing spec (numpy and PIL only).
 
-    The whole image is resized to the input size (``crop_pct`` 1.0) or resized then center-cropped
-    (``crop_pct`` < 1, timm's eval transform).
+    Resize and crop follow timm's eval transform for the recorded ``crop_pct`` / ``crop_mode`` / interpolation
+    (:func:`deploykit.data.transforms.resize_crop`); a spec without ``crop_mode`` (written before it was recorded)
+    stretches the whole image, as those engines were trained.
     """
+    from deploykit.data.transforms import resize_crop
+
     c, h, w = (int(v) for v in _get(pre, "input_size"))
-    img = img.convert("RGB" if c == 3 else "L")
-    crop_pct = float(_get(pre, "crop_pct", 1.0))
-    interp = _pil_interp(str(_get(pre, "interpolation", "bicubic")))
-    if crop_pct < 1.0:
-        scale_h, scale_w = int(h / crop_pct), int(w / crop_pct)
-        iw, ih = img.size
-        r = max(scale_h / ih, scale_w / iw)
-        img = img.resize((max(w, round(iw * r)), max(h, round(ih * r))), interp)
-        left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
-        img = img.crop((left, top, left + w, top + h))
-    else:
-        img = img.resize((w, h), interp)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    mean = np.asarray(_get(pre, "mean"), dtype=np.float32)
+    std = np.asarray(_get(pre, "std"), dtype=np.float32)
+    img = to_8bit(img).convert("RGB" if c == 3 else "L")
+    img = resize_crop(img, h, w, crop_pct=float(_get(pre, "crop_pct", 1.0)),
+                      crop_mode=str(_get(pre, "crop_mode", "squash")),
+                      interpolation=str(_get(pre, "interpolation", "bicubic")), mean=tuple(mean.tolist()))
+    arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     arr = arr.transpose(2, 0, 1)
-    mean = np.asarray(_get(pre, "mean"), dtype=np.float32)[:, None, None]
-    std = np.asarray(_get(pre, "std"), dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+    return np.ascontiguousarray((arr - mean[:, None, None]) / std[:, None, None], dtype=np.float32)
+
+
+def to_8bit(img: Any) -> Any:
+    """16-bit and float images (TIFF, PNG) as 8-bit grey; PIL's own conversion would clip them to white."""
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    from PIL import Image
+
+    arr = np.asarray(img, dtype=np.float64)
+    top = 1.0 if img.mode == "F" and arr.size and arr.max() <= 1.0 else (255.0 if arr.size and arr.max() <= 255
+                                                                         else 65535.0)
+    return Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
 
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # 16.8 MP (a 48 MP phone JPEG fits via draft); decoded RGB at most ~50 MB
@@ -84,7 +85,7 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int | None = MAX_I
                         "before sending") from e
     except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error, EOFError, MemoryError) as e:
         # PIL's decoders raise all of these on malformed files; none of them is a server fault
-        raise DataError(f"can't decode image {name}: {e}; send a PNG, JPEG, BMP, GIF or WebP file") from e
+        raise DataError(f"can't decode image {name}: {e}; send a PNG, JPEG, BMP, GIF, TIFF or WebP file") from e
 
 
 def _over(size: tuple[int, int], max_pixels: int | None) -> bool:

@@ -69,7 +69,7 @@ def export_model(
         if not (out_dir / MANIFEST_NAME).exists():
             raise ExportError(f"{out_dir} exists and is not a deploykit engine directory; choose an empty or new path")
         if not overwrite:
-            raise ExportError(f"{out_dir} already holds an engine; pass overwrite=True (CLI: --force) to replace it")
+            raise ExportError(f"{out_dir} already holds an engine; pass --force to replace it")
     pre = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(dict(preprocessing))
     if len(labels) != model.num_classes:
         raise ExportError(f"{len(labels)} labels for a model with {model.num_classes} classes")

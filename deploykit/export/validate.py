@@ -91,7 +91,9 @@ def check_parity(model: ExitModel, manifest: Any, inputs: np.ndarray, batch_size
         report.near_tied_prediction_mismatches, report.chain_near_tied_prediction_mismatches = list(zeros), list(zeros)
     tol_fail: list[str] = []
     try:
-        for lo in range(0, len(inputs), batch_size):
+        from deploykit import progress as P
+
+        for lo in P.track(range(0, len(inputs), batch_size), "export parity"):
             x = inputs[lo:lo + batch_size]
             state_t: tuple[torch.Tensor, ...] = (torch.from_numpy(x),)
             chain_feed: list[np.ndarray] = [x]

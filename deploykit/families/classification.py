@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,33 +62,34 @@ class ClassificationFamily(Family):
                           f"{[round(f, 3) for f in t['exit_fractions']]}")
 
     def bench(self, manifest: Manifest, **options: Any) -> Outcome:
-        import json
 
         from deploykit.tune.bench import bench
 
         self.check_backend(options.get("backend", "ort-cpu"))
         if options.get("checkpoint") and options.get("torch_model") is None:
             options["torch_model"] = _eager_model(options["checkpoint"], options.get("threads"))
+        from deploykit.tune.report import bench_summary
+
         r = bench(manifest, **options)
-        return Outcome(r, json.dumps({"runs": r["runs"], **({"plot": r["plot"]} if "plot" in r else {})}, indent=2))
+        return Outcome(r, bench_summary(r, options.get("json_out")))
 
     def predict(self, manifest: Manifest, images: list[str], *, backend: str = "ort-cpu",
                 thresholds: list[float | None] | None = None, texts: list[str] | None = None,
-                task: str | None = None) -> list[dict[str, Any]]:
-        from deploykit.tune.predict import predict
+                task: str | None = None) -> Iterator[dict[str, Any]]:
+        from deploykit.tune.predict import iter_predict
 
         if texts:
             raise refuse("--text", self.name, "it gives a hypothesis to vision-language (MuE) engines")
         if task:
             raise refuse("--task", self.name, "it picks what a vision-language (MuE) engine generates")
         self.check_backend(backend)
-        return predict(manifest, images, backend=backend, thresholds=thresholds)
+        return iter_predict(manifest, images, backend=backend, thresholds=thresholds)
 
     def quantize(self, manifest: Manifest, out: str | os.PathLike, *, mode: str = "dynamic",
                  calib_data: str | None = None, calib_samples: int | None = None, overwrite: bool = False) -> Outcome:
         from deploykit.graphs.quantize import quantize
 
-        m = quantize(manifest, out, mode=mode, calib_data=calib_data or "digits",
+        m = quantize(manifest, out, mode=mode, calib_data=calib_data,
                      calib_samples=256 if calib_samples is None else calib_samples, overwrite=overwrite)
         n = sum(len(g["quantized_nodes"]) for g in m.extra["quantization"]["graphs"].values())
         return Outcome(m, f"wrote {m.num_stages} {m.stages[0].precision} stage graphs + full.onnx to {out} ({n} nodes "

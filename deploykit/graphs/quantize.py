@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from deploykit import progress as P
 from deploykit.errors import ConfigError, DataError, ManifestError
 from deploykit.manifest import MANIFEST_NAME, Manifest, as_manifest, file_sha256
 from deploykit.manifest_sections import GraphEntry, auxiliary_files, graph_entries
@@ -47,7 +48,7 @@ class QuantSettings:
     """What ``quantize`` was asked for (recorded in the manifest's ``extra["quantization"]``)."""
 
     mode: str = "dynamic"
-    calib_data: str = "digits"
+    calib_data: str = ""
     calib_samples: int = 256
     calibrate_method: str = "minmax"
     per_channel: bool = True
@@ -241,7 +242,7 @@ def quantize(
         engine_dir: str | os.PathLike | Manifest,
         out_dir: str | os.PathLike,
         mode: str = "dynamic",
-        calib_data: str | np.ndarray = "digits",
+        calib_data: str | np.ndarray | None = None,
         calib_samples: int = 256,
         calibrate_method: str = "minmax",
         per_channel: bool = True,
@@ -259,7 +260,8 @@ def quantize(
         out_dir: new engine directory (written atomically; refused if it holds something, unless ``overwrite``).
         mode: ``dynamic`` (ORT CPU only) or ``static`` (QDQ; ORT CPU and TensorRT).
         calib_data: static mode: ``digits``, ``imagefolder:PATH`` (its train split is used) or an array
-            ``[N, C, H, W]`` already preprocessed per the manifest.
+            ``[N, C, H, W]`` already preprocessed per the manifest; default: the data the engine was trained on
+            (the manifest's ``provenance.data``). A data spec with other classes than the engine is refused.
         calib_samples: static mode: how many images to calibrate on (at least 16).
         calibrate_method: static mode: ``minmax``, ``percentile`` or ``entropy`` (ORT's calibrators).
         per_channel: per-output-channel weight scales (better accuracy, same speed).
@@ -270,6 +272,9 @@ def quantize(
         The new directory's manifest: stage precision ``int8-dynamic`` / ``int8-static``, the settings in
         ``extra["quantization"]``, the FP32 calibration kept but marked stale.
     """
+    src_dir, out = Path(engine_dir), Path(out_dir)
+    m = Manifest.load(src_dir)
+    calib_data = _calibration_source(m, mode, calib_data, src_dir)
     s = QuantSettings(mode, calib_data if isinstance(calib_data, str) else "array", int(calib_samples),
                       calibrate_method, per_channel, batch_size)
     s.validate()
@@ -291,7 +296,7 @@ def quantize(
         if not (out / MANIFEST_NAME).exists():
             raise ConfigError(f"{out} exists and is not a deploykit engine directory; choose an empty or new path")
         if not overwrite:
-            raise ConfigError(f"{out} already holds an engine; pass overwrite=True (CLI: --force) to replace it")
+            raise ConfigError(f"{out} already holds an engine; pass --force to replace it")
     per_stage: list[list[dict[str, np.ndarray]]] = []
     mono_feeds: list[dict[str, np.ndarray]] = []
     n_calib = 0
@@ -303,7 +308,7 @@ def quantize(
     started = time.time()
     with staged_dir(out) as tmp:
         graphs: dict[str, Any] = {}
-        for i, e in enumerate(entries):
+        for i, e in enumerate(P.track(entries, f"quantize ({mode})")):
             e.set("trt", None)  # plans of the FP32 graphs don't belong to these
             if not e.quantize:
                 shutil.copyfile(m.path_of(e.file), tmp / e.file)
@@ -333,6 +338,25 @@ def quantize(
         m.provenance = {**m.provenance, "onnxruntime": onnxruntime.__version__, "quantized_at": time.time()}
         m.save(tmp)
     return Manifest.load(out)
+
+
+def _calibration_source(m: Manifest, mode: str, calib_data: str | np.ndarray | None,
+                        src_dir: Path) -> str | np.ndarray | None:
+    """The data static calibration reads: as given, else the engine's own training data; classes must match."""
+    if mode != "static":
+        if calib_data is not None:
+            raise ConfigError("--calib-data applies to --mode static only (dynamic quantisation needs no data)")
+        return None
+    if calib_data is None:
+        calib_data = m.provenance.get("data")
+        if not calib_data:
+            raise ConfigError(f"{src_dir}'s manifest records no training data (provenance.data); pass --calib-data "
+                              "digits or imagefolder:PATH with the classes the model was trained on")
+    if isinstance(calib_data, str):
+        from deploykit.data import check_labels
+
+        check_labels(m.labels, calib_data, what="quantize --calib-data")
+    return calib_data
 
 
 __all__ = ["MIN_CALIB_SAMPLES", "MODES", "QuantSettings", "activation_matmuls", "calibration_inputs",

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import difflib
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from deploykit.errors import BackboneError, CheckpointError, UnknownNameError
+from deploykit.errors import BackboneError, UnknownNameError
 
 
 def create_backbone(
@@ -18,35 +17,67 @@ def create_backbone(
         num_classes: int,
         pretrained: bool = False,
         checkpoint: str | os.PathLike | None = None,
+        checkpoint_ema: bool | None = None,
         **kwargs: Any,
 ) -> nn.Module:
     """Build a timm ViT-family model, ready for ONNX export (``exportable=True`` turns off fused attention).
 
     Args:
-        name: timm model name, e.g. ``vit_small_patch16_224`` or ``deit_tiny_distilled_patch16_224``.
+        name: timm model name with an optional pretrained tag (``vit_small_patch16_224.augreg_in21k_ft_in1k``),
+            or ``hf-hub:org/repo`` (its config.json read from the local Hugging Face cache).
         num_classes: classes of the downstream task (the backbone's head is re-sized to it).
-        pretrained: load timm's pretrained weights (from the hub or its cache; never used in tests).
-        checkpoint: a local weights file (safetensors, or a ``.pth``/``.bin`` loaded with ``weights_only``) for
-            machines without hub access; takes precedence over ``pretrained``.
+        pretrained: load the pretrained weights of the name's tag from the local Hugging Face cache (downloaded when
+            online); never used in tests.
+        checkpoint: a local weights file (safetensors, a state dict, or a timm train.py checkpoint); takes
+            precedence over ``pretrained``.
+        checkpoint_ema: EMA weights of a timm checkpoint: ``None`` prefers them when present, ``True`` requires
+            them, ``False`` loads the plain weights.
         **kwargs: architecture overrides passed to ``timm.create_model`` (``img_size``, ``depth``, ...).
     """
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UnknownNameError(f"unknown backbone {name!r}: timm has no such model.{hint}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    arch, extra = _resolve_name(name)
     try:
-        model = timm.create_model(
-            name, pretrained=pretrained and checkpoint is None, num_classes=num_classes, exportable=True, **kwargs
-        )
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, exportable=True,
+                                  **{**extra, **kwargs})
     except TypeError as e:
         raise BackboneError(f"backbone {name!r} does not accept the settings {sorted(kwargs)}: {e}") from e
     check_vit_family(model, name)
     if checkpoint is not None:
-        load_backbone_weights(model, checkpoint)
+        load_backbone_weights(model, checkpoint, ema=checkpoint_ema)
+    elif pretrained:
+        from deploykit.methods.timm_weights import pretrained_weights_file
+
+        load_backbone_weights(model, pretrained_weights_file(dict(model.pretrained_cfg), name))
     return model
+
+
+def _resolve_name(name: str) -> tuple[str, dict[str, Any]]:
+    """The timm architecture (with tag) and extra ``create_model`` arguments for a backbone name."""
+    import timm
+
+    from deploykit.methods.timm_weights import hub_model_config, split_hub_name
+
+    repo = split_hub_name(name)
+    if repo is not None:
+        import dataclasses
+
+        from timm.models import PretrainedCfg
+
+        cfg = hub_model_config(repo)
+        known = {f.name for f in dataclasses.fields(PretrainedCfg)}
+        pcfg = {k: v for k, v in (cfg.get("pretrained_cfg") or {}).items() if k in known}
+        pcfg.update(hf_hub_id=repo, source=None)
+        arch = cfg["architecture"]
+        if not timm.is_model(arch):
+            raise BackboneError(f"hf-hub:{repo} names architecture {arch!r}, which this timm version lacks")
+        return arch, {**(cfg.get("model_args") or {}), "pretrained_cfg": pcfg}
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownNameError(f"unknown backbone {name!r}: timm has no such model.{hint}")
+    return name, {}
 
 
 def check_vit_family(model: nn.Module, name: str = "") -> None:
@@ -66,36 +97,24 @@ def check_vit_family(model: nn.Module, name: str = "") -> None:
             )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a weights file without executing code: safetensors, or torch.load with ``weights_only=True``."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a path to a .safetensors or .pth file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def read_state_dict(path: str | os.PathLike, ema: bool | None = None) -> dict[str, torch.Tensor]:
+    """Read a weights file without executing code (see :func:`deploykit.methods.timm_weights.read_checkpoint`)."""
+    from deploykit.methods.timm_weights import read_checkpoint
 
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt files raise many different types
-        raise CheckpointError(
-            f"could not read checkpoint {path} ({type(e).__name__}: {e}); is the file complete?") from e
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
-    return obj
+    return read_checkpoint(path, ema=ema).state
 
 
-def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike, ema: bool | None = None) -> None:
     """Load pretrained backbone weights from a local file, dropping a classifier of another size.
 
     timm's ``checkpoint_filter_fn`` adapts foreign layouts (e.g. position embeddings of another grid size).
     """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = read_state_dict(path)
+    from deploykit.methods.timm_weights import read_checkpoint
+
+    ckpt = read_checkpoint(path, ema=ema)
+    state = ckpt.state
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception as e:
@@ -117,16 +136,21 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        trained = f" (timm train.py recorded --model {ckpt.arch})" if ckpt.arch else ""
         raise BackboneError(
             f"checkpoint {path} does not fit backbone {type(model).__name__} "
             f"(depth {len(model.blocks)}, width {model.embed_dim}): {'; '.join(parts)}. "
-            "Pick the backbone name / settings the checkpoint was trained with"
+            f"Pick the backbone name / settings the checkpoint was trained with{trained}"
         )
     model.load_state_dict(state, strict=False)
 
 
 def backbone_data_config(model: nn.Module) -> dict[str, Any]:
-    """The backbone's preprocessing (input size, mean, std, interpolation) from timm's data config."""
+    """The backbone's eval preprocessing from timm's data config (its pretrained cfg): size, crop, mean, std.
+
+    Recorded in the run config and the manifest; :func:`deploykit.data.preprocess.preprocess_image` applies it the
+    same way in training, evaluation, predict and serve.
+    """
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
@@ -140,5 +164,6 @@ def backbone_data_config(model: nn.Module) -> dict[str, Any]:
         "mean": [float(v) for v in cfg["mean"]],
         "std": [float(v) for v in cfg["std"]],
         "interpolation": str(cfg.get("interpolation", "bicubic")),
-        "crop_pct": 1.0,
+        "crop_pct": float(cfg.get("crop_pct") or 0.875),
+        "crop_mode": str(cfg.get("crop_mode") or "center"),
     }

@@ -13,6 +13,24 @@ from typing import Any
 from deploykit.errors import ConfigError
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on with a one-line error (uvicorn would log and exit 1 later)."""
+    import socket
+
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r} can't be resolved ({e.strerror}); give an IP address such as "
+                          "127.0.0.1") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"can't listen on {host}:{port} ({e.strerror}); another server holds the port: stop it "
+                              "or pick another with --port") from None
+
+
 def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort-cpu",
                 max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue: int = 256,
                 max_request_mb: float = 16.0, threads: int | None = None, log_level: str = "info",
@@ -43,6 +61,7 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
     if instances > 1 and backend != "ort-cpu":
         raise ConfigError(f"--instances {instances} needs the ort-cpu backend (its sessions are thread-safe); the "
                           f"{backend} runner keeps per-run device buffers, so run one server per device instead")
+    check_port_free(host, port)
     engine = open_engine(engine_dir, backend=backend, threads=threads)
     try:
         app = create_app(engine, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb,

@@ -29,6 +29,7 @@ def build_model(recipe: Recipe, num_classes: int, for_loading: bool = False) -> 
         bb.name, num_classes,
         pretrained=bb.pretrained and not for_loading,
         checkpoint=None if for_loading else bb.checkpoint,
+        checkpoint_ema=bb.checkpoint_ema,
         **bb.kwargs,
     )
     return create_method(recipe.method["name"], backbone, num_classes, **recipe.method_settings())

@@ -24,11 +24,16 @@ RUN_ONLY_KEYS = ("labels", "preprocessing", "method_config", "versions")  # in c
 
 @dataclass
 class BackboneSpec:
-    """Which timm model to build; ``kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``, ...)."""
+    """Which timm model to build; ``kwargs`` go to ``timm.create_model`` (``img_size``, ``depth``, ...).
+
+    ``checkpoint_ema``: with a timm train.py checkpoint, ``null`` prefers its EMA weights when present (timm's
+    default), ``true`` requires them, ``false`` loads the plain weights.
+    """
 
     name: str = ""
     pretrained: bool = False
     checkpoint: str | None = None
+    checkpoint_ema: bool | None = None
     kwargs: dict = field(default_factory=dict)
 
 
@@ -148,6 +153,8 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
         raise ConfigError("recipe has no backbone.name; set it in the recipe or pass --backbone (a timm ViT name)")
     data = _build(DataSpec, d.get("data") or {}, "data")
     train = _build(TrainSettings, d.get("train") or {}, "train")
+    if train.epochs >= 1 and train.warmup_epochs > train.epochs:  # short runs (--epochs 1): warm up half the run
+        train.warmup_epochs = train.epochs / 2
     train.validate()
     recipe = Recipe(
         name=str(d.get("name") or f"{method['name']}-{backbone.name}"),

@@ -1,7 +1,10 @@
 """``deploykit bench``: monolithic graph, chain with exits disabled, cascade and PyTorch eager, side by side.
 
 All variants run in one process on the same inputs, interleaved repeat by repeat (so drift in machine load hits
-them alike), after warm-up; the figure per variant is the median over repeats. Speed-ups are ratios of these.
+them alike), after warm-up, with GPU runners synchronised before each timer stops; the figure per variant is the
+median over repeats, reported with its min and max, and speed-ups are per-repeat ratios (min / median / max). The
+report records the load average before and after and warns (``warnings``) when the machine was busy or a ratio is
+beyond what the FLOPs allow (:mod:`deploykit.tune.timing`).
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,23 +54,6 @@ def thresholds_for_fractions(scores: np.ndarray, fractions: list[float]) -> list
     return thr
 
 
-def _median_ms(times: list[float]) -> float:
-    return float(np.median(times) * 1000.0)
-
-
-def _time_interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    samples: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {k: _median_ms(v) for k, v in samples.items()}
-
-
 def bench(
         engine_dir: str | os.PathLike | Manifest,
         batch_sizes: list[int] | tuple[int, ...] = (1, 32),
@@ -105,7 +90,7 @@ def bench(
         warmup: untimed passes per variant before timing.
         repeats: timed passes per variant (the median is reported).
         threads: intra-op threads (default: the cores this process may use).
-        progress: print a line per batch size.
+        progress: draw a progress bar on stderr (when it is a terminal).
         torch_model: an in-memory ``ExitModel`` for the PyTorch eager variant (instead of ``checkpoint``).
         ort_default_reference: also time the monolithic graph in a session with ONNX Runtime's default options,
             to show the tuned session options don't flatter the chain.
@@ -118,7 +103,11 @@ def bench(
 
     manifest = as_manifest(engine_dir)
     engine_dir = manifest.root
+    from deploykit import progress as P
+    from deploykit.tune import timing as T
+
     threads = threads or default_threads()
+    load_start = loadavg()
     runner_kwargs = {"threads": threads} if backend.startswith("ort") else {}
     cascade = open_cascade(manifest, backend=backend, **runner_kwargs)
     m = cascade.manifest
@@ -144,10 +133,17 @@ def bench(
         thr_source = "manifest (calibrated)" if m.calibration else "manifest (uncalibrated: exits disabled)"
     no_exit = [None] * m.num_stages
     cmp = _compare_setup(compare, backend, runner_kwargs, pool, exit_fractions) if compare else None
-    runs = []
+    runs, warnings = [], []
+    if any(bs < 1 for bs in batch_sizes):
+        raise ConfigError(f"--batch-sizes must be >= 1, got {list(batch_sizes)}")
+    runners = [*cascade.runners, mono, *([cmp["mono"], *cmp["cascade"].runners] if cmp else [])]
+
+    def sync() -> None:
+        for r in runners:
+            r.sync()
+
+    pbar = P.bar(len(batch_sizes) * (warmup + repeats), "bench", show=None if progress else False, unit="round")
     for bs in batch_sizes:
-        if bs < 1:
-            raise ConfigError(f"batch sizes must be >= 1, got {bs}")
         n = int(np.ceil(n_pool / bs) * bs)
         xs = np.concatenate([pool] * int(np.ceil(n / len(pool))))[:n]
         batches = [np.ascontiguousarray(xs[i:i + bs]) for i in range(0, n, bs)]
@@ -165,10 +161,14 @@ def bench(
         if cmp is not None:
             variants["compare_monolithic"] = lambda bb=batches: [cmp["mono"].run({"image": b}) for b in bb]
             variants["compare_cascade"] = lambda bb=batches: [cmp["cascade"].run(b, thresholds=cmp["thr"]) for b in bb]
-        t = _time_interleaved(variants, warmup, repeats)
-        per_batch = {k: v / len(batches) for k, v in t.items()}
+        pbar.set_postfix_str(f"batch {bs}")
+        samples_s = T.time_interleaved(variants, warmup, repeats, sync=sync, tick=lambda: pbar.update(1))
+        spreads = {k: T.spread(v, 1000.0 / len(batches)) for k, v in samples_s.items()}
+        per_batch = {k: v["median"] for k, v in spreads.items()}
         ideal = 1.0 / expected_flops_ratio(m, fractions)
-        speedup = per_batch["monolithic"] / per_batch["cascade"]
+        speedups = T.ratio_spread(samples_s["monolithic"], samples_s["cascade"])
+        speedup = speedups["median"]
+        warnings += T.ratio_warnings(bs, ideal, speedups, spreads["monolithic"], spreads["chain_noexit"])
         run = {
             "batch_size": bs, "batches_per_pass": len(batches),
             "monolithic_ms": per_batch["monolithic"], "chain_noexit_ms": per_batch["chain_noexit"],
@@ -180,13 +180,13 @@ def bench(
             "exit_fractions": fractions.tolist(),
             "throughput_cascade_per_s": bs / (per_batch["cascade"] / 1000.0),
             "monolithic_ort_default_ms": per_batch.get("monolithic_ort_default"),
+            "spread_ms": spreads, "speedup_spread": speedups,
+            "chain_overhead_spread": T.ratio_spread(samples_s["chain_noexit"], samples_s["monolithic"]),
         }
         if cmp is not None:
             run["compare"] = _compare_run(cmp, batches, per_batch, bs)
         runs.append(run)
-        if progress:
-            print(f"batch {bs}: monolithic {run['monolithic_ms']:.2f} ms, chain {run['chain_noexit_ms']:.2f} ms, "
-                  f"cascade {run['cascade_ms']:.2f} ms, speed-up {speedup:.2f}x of ideal {ideal:.2f}x", flush=True)
+    pbar.close()
     cascade.close()
     mono.close()
     if cmp is not None:
@@ -197,9 +197,11 @@ def bench(
         "threads": threads, "stages": m.num_stages, "input_shape": m.input_spec.shape,
         "thresholds": thr, "thresholds_from": thr_source, "requested_exit_fractions": exit_fractions,
         "inputs": f"{data} test split" if data else "seeded random normal", "samples_per_pass": n_pool,
-        "warmup": warmup, "repeats": repeats, "cpu": cpu_model(), "loadavg_start": loadavg(),
+        "warmup": warmup, "repeats": repeats, "cpu": cpu_model(), "cores": T.cores(),
+        "loadavg_start": load_start, "loadavg_end": loadavg(),
         "versions": m.provenance.get("onnxruntime"), "runs": runs,
     }
+    report["warnings"] = T.load_warnings(load_start, report["loadavg_end"], threads) + warnings
     if cmp is not None:
         report["compare"] = {"engine_dir": str(compare), "thresholds": cmp["thr"], "precision": cmp["precision"]}
         report["precision"] = m.stages[0].precision
@@ -292,7 +294,11 @@ def loadavg() -> list[float] | None:
 
 
 def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Bars of ms per batch for each variant, one group per batch size, with speed-ups annotated."""
+    """Bars of ms per batch (median, whiskers min..max over repeats) per variant, one panel per batch size.
+
+    Each panel's title gives the realised speed-up with its spread, the ideal from FLOPs and the exit fractions that
+    produced them; a busy machine is said in the figure title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,18 +307,30 @@ def plot_bench(report: dict[str, Any], path: str | os.PathLike) -> None:
     runs = report["runs"]
     names = ["torch", "monolithic", "chain_noexit", "cascade"]
     names = [n for n in names if any(r.get(f"{n}_ms") for r in runs)]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), dpi=120, squeeze=False)
+    colors = {"torch": "C7", "monolithic": "C0", "chain_noexit": "C2", "cascade": "C3"}
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 4.0), dpi=120, squeeze=False)
     for ax, r in zip(axes[0], runs):
-        vals = [r[f"{n}_ms"] for n in names]
-        bars = ax.bar(names, vals, color=["C7", "C0", "C2", "C3"][-len(names):])
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{r['monolithic_ms'] / v:.2f}x", ha="center", va="bottom",
-                    fontsize=8)
-        ax.set_title(f"batch {r['batch_size']}: speed-up {r['speedup']:.2f}x (ideal {r['ideal_speedup']:.2f}x)",
-                     fontsize=9)
-        ax.set_ylabel("ms per batch (median)")
+        med = [r[f"{n}_ms"] for n in names]
+        sp = r.get("spread_ms", {})
+        lo = [m - sp.get(n, {}).get("min", m) for n, m in zip(names, med)]
+        hi = [sp.get(n, {}).get("max", m) - m for n, m in zip(names, med)]
+        bars = ax.bar(names, med, yerr=[lo, hi], capsize=4, color=[colors[n] for n in names],
+                      error_kw={"elinewidth": 1, "ecolor": "black"})
+        for b, v, h in zip(bars, med, hi):
+            ax.text(b.get_x() + b.get_width() / 2, v + h, f"{r['monolithic_ms'] / v:.2f}x", ha="center",
+                    va="bottom", fontsize=8)
+        s = r.get("speedup_spread")
+        rng = f" [{s['min']:.2f}-{s['max']:.2f}]" if s else ""
+        fr = ", ".join(f"{f:.2f}" for f in r["exit_fractions"])
+        ax.set_title(f"batch {r['batch_size']}: speed-up {r['speedup']:.2f}x{rng} (ideal {r['ideal_speedup']:.2f}x)"
+                     f"\nexit fractions per stage: {fr}", fontsize=8.5)
+        ax.set_ylabel("ms per batch (median, whiskers min-max)")
+        ax.set_ylim(0, max(m + h for m, h in zip(med, hi)) * 1.15)
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"{report['model']} on {report['backend']} — labels: speed relative to monolithic", fontsize=9)
+    load = report.get("loadavg_start") or ["?"]
+    busy = " — BUSY MACHINE, see warnings" if report.get("warnings") else ""
+    fig.suptitle(f"{report['model']} on {report['backend']}, {report['repeats']} repeats, load {load[0]} on "
+                 f"{report.get('cores', '?')} cores{busy}; labels: speed relative to monolithic", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -49,27 +49,38 @@ def calibrate(
         write: write the chosen thresholds and a calibration summary into the manifest.
         levels: candidate thresholds per exit (default: about 40k combinations in all).
     """
-    from deploykit.data import stack_split
+    from deploykit import progress as P
+    from deploykit.data import check_labels, stack_split
 
     manifest = as_manifest(engine_dir)
     engine_dir = manifest.root
     if max_drop is None and flops_budget is None:
         max_drop = DEFAULT_MAX_DROP
-    with open_cascade(manifest, backend=backend) as cascade:
+    with open_cascade(manifest, backend=backend) as cascade, P.bar(5, "calibrate", unit="step") as bar:
         m = cascade.manifest
+        check_labels(m.labels, data)
         pre = m.preprocessing.__dict__
+        bar.set_postfix_str("preprocessing val + test")
         xv, yv = stack_split(data, "val", pre)
         xt, yt = stack_split(data, "test", pre)
-        _check_labels(m.labels, data)
+        bar.update(1)
+        bar.set_postfix_str("every exit on val")
         sv, cv = _exit_outputs(cascade, xv, yv)
+        bar.update(1)
+        bar.set_postfix_str("every exit on test")
         st, ct = _exit_outputs(cascade, xt, yt)
+        bar.update(1)
         cum, full = stage_costs(m)
+        bar.set_postfix_str("threshold sweep")
         sw = sweep(sv, cv, cum, full, levels=levels)
         full_val = float(cv[-1].mean())
         best = choose(sw, full_val, max_drop=max_drop, flops_budget=flops_budget)
         thr = [float(t) if np.isfinite(t) else None for t in sw.thresholds[best]] + [None]
+        bar.update(1)
+        bar.set_postfix_str("cascade on test")
         # the real cascade on the test split, with compaction (the simulation must agree with it)
         res = cascade.run(xt, thresholds=thr)
+        bar.update(1)
     sim_acc, sim_flops, _ = simulate(st, ct, cum, full, np.asarray([np.inf if t is None else t for t in thr[:-1]]))
     fractions = np.bincount(res.exit_stage, minlength=m.num_stages) / len(yt)
     test_flops = float(np.dot(fractions, cum) / full)
@@ -109,16 +120,6 @@ def calibrate(
         m.calibration["calibrated_at"] = time.time()
         m.save()
     return report
-
-
-def _check_labels(labels: list[str], data: str) -> None:
-    from deploykit.data import data_info
-    from deploykit.errors import DataError
-
-    have = data_info(data).labels
-    if have != labels:
-        raise DataError(f"data {data!r} has classes {have[:10]} but the model was exported with {labels[:10]}; "
-                        "calibrate on the data the model was trained for")
 
 
 def plot_calibration(report: dict[str, Any], sw: Any, path: str | os.PathLike) -> None:

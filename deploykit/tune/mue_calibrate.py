@@ -293,7 +293,7 @@ def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = N
     manifest = as_manifest(engine_dir)
     engine_dir = manifest.root
     if layer_budget is not None and max_drop is not None:
-        raise ConfigError("give max_drop or a layer budget, not both")
+        raise ConfigError("give --max-drop or --flops-budget (a layer budget for MuE), not both")
     drops = dict(DEFAULT_MAX_DROP)
     if isinstance(max_drop, dict):
         drops.update(max_drop)

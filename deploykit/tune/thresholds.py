@@ -90,15 +90,15 @@ def choose(sw: Sweep, full_accuracy: float, max_drop: float | None = None,
     Ties go to the more accurate, then the cheaper combination.
     """
     if (max_drop is None) == (flops_budget is None):
-        raise ConfigError("give exactly one of max_drop (accuracy points) or flops_budget (fraction of full FLOPs)")
+        raise ConfigError("give exactly one of --max-drop (accuracy points) or --flops-budget (fraction of full FLOPs)")
     if max_drop is not None:
         if max_drop < 0:
-            raise ConfigError(f"max_drop must be >= 0 accuracy points, got {max_drop}")
+            raise ConfigError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
         ok = np.flatnonzero(sw.accuracy >= full_accuracy - max_drop / 100.0 - 1e-12)
         return int(ok[np.lexsort((-sw.accuracy[ok], sw.flops_ratio[ok]))[0]])
     assert flops_budget is not None
     if not 0 < flops_budget <= 1.5:
-        raise ConfigError(f"flops_budget is a fraction of the full model's FLOPs, e.g. 0.6; got {flops_budget}")
+        raise ConfigError(f"--flops-budget is a fraction of the full model's FLOPs, e.g. 0.6; got {flops_budget}")
     ok = np.flatnonzero(sw.flops_ratio <= flops_budget + 1e-12)
     if len(ok) == 0:
         cheapest = float(sw.flops_ratio.min())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -137,8 +138,9 @@ def test_engine_dir_with_a_bad_stage_fails_lint_and_cli(trained_engine: Path, tm
         check_trt(eng)
     res = CliRunner().invoke(main, ["lint", str(eng)])
     assert res.exit_code == 1 and node.name in res.output and "stage1.onnx" in res.output
-    res = CliRunner().invoke(main, ["lint", str(trained_engine), "--json"])
-    assert res.exit_code == 0 and '"ok": true' in res.output
+    res = CliRunner().invoke(main, ["lint", str(trained_engine), "--json", str(tmp_path / "lint.json")])
+    assert res.exit_code == 0 and str(tmp_path / "lint.json") in res.output
+    assert json.loads((tmp_path / "lint.json").read_text())["ok"] is True
 
 
 def test_lint_of_missing_dir_is_a_clear_error(tmp_path: Path) -> None:

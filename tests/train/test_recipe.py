@@ -75,3 +75,11 @@ def test_non_vit_backbone(tiny_recipe, tmp_path):
 def test_exits_past_depth(tiny_recipe, tmp_path, sets):
     with pytest.raises(BackboneError, match="depth|blocks"):
         train(tiny_recipe, out=tmp_path / "r", sets=sets)
+
+
+def test_warmup_is_clipped_to_short_runs(tiny_recipe):
+    from deploykit.train.recipe import load_recipe
+
+    tiny_recipe["train"]["warmup_epochs"] = 2
+    assert load_recipe(tiny_recipe, overrides={"train.epochs": 1}).train.warmup_epochs == 0.5
+    assert load_recipe(tiny_recipe, overrides={"train.epochs": 3}).train.warmup_epochs == 2
