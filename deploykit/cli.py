@@ -110,26 +110,53 @@ def export(run_dir: str, out: str, score: str | None, no_check: bool, parity_sam
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.option("--data", default="digits", show_default=True, help="digits or imagefolder:PATH (val + test splits).")
-@click.option("--max-drop", type=float, help="Allowed accuracy drop (points) vs full depth on val [default 0.5].")
+@click.option("--data", default="digits", show_default=True,
+              help="digits or imagefolder:PATH (val + test splits); with --loss consistency PATH may be a flat folder "
+                   "of unlabelled images.")
+@click.option("--max-drop", type=float, help="Allowed accuracy drop (points) vs full depth [default 0.5]: on val, or "
+                                             "with --confidence on new data.")
 @click.option("--flops-budget", type=float, help="Instead: FLOPs budget as a fraction of the full model.")
+@click.option("--confidence", type=float,
+              help="1 - δ: distribution-free guarantee (Learn-then-Test) that the drop on new data is <= --max-drop "
+                   "with this probability, e.g. 0.9.")
+@click.option("--loss", type=click.Choice(["consistency", "accuracy"]),
+              help="With --confidence: consistency (differs from full depth; no labels needed) or accuracy (right "
+                   "at full depth, wrong at the exit) [default consistency].")
+@click.option("--bound", type=click.Choice(["binomial", "hb"]),
+              help="With --confidence: binomial tail (exact for 0/1 losses) or Hoeffding-Bentkus [default binomial].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @_BACKEND
 @_friendly_errors
-def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: float | None, json_out: str | None,
+def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: float | None,
+              confidence: float | None, loss: str | None, bound: str | None, json_out: str | None,
               backend: str) -> None:
     """Pick exit thresholds on the validation split, write them to the manifest, evaluate on test."""
+    from deploykit.errors import ConfigError
     from deploykit.tune.calibrate import calibrate as run_calibration
 
+    if confidence is None and (loss or bound):
+        raise ConfigError(f"--{'loss' if loss else 'bound'} applies only with --confidence (risk control)")
     r = run_calibration(engine_dir, data=data, max_drop=max_drop, flops_budget=flops_budget, json_out=json_out,
-                        backend=backend)
+                        backend=backend, confidence=confidence, loss=loss or "consistency", bound=bound or "binomial")
     if "tasks" in r:  # MuE engine: per-task thresholds
-        _echo_json({t: {"thresholds": v["thresholds"], "test": v["test"]} for t, v in r["tasks"].items()})
+        for t, v in r["tasks"].items():
+            if (v.get("guarantee") or {}).get("message"):
+                click.echo(f"warning: {t}: {v['guarantee']['message']}", err=True)
+        _echo_json({t: {"thresholds": v["thresholds"], "test": v["test"],
+                        **({"guarantee": v["guarantee"]} if "guarantee" in v else {})} for t, v in r["tasks"].items()})
         return
     t = r["test"]
-    click.echo(f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: full "
-               f"{100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}% at "
+    g = r.get("guarantee")
+    if g is not None and g.get("message"):
+        click.echo(f"warning: {g['message']}", err=True)
+    acc = (f"full {100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}%"
+           if "full_accuracy" in t else f"agreement with full depth {100 * t['agreement_with_full_depth']:.2f}%")
+    click.echo(f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: {acc} at "
                f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits {[round(f, 3) for f in t['exit_fractions']]}")
+    if g is not None:
+        click.echo(f"guarantee: {g['statement']}" + (f"; val {g['loss']} loss {100 * g['empirical_risk']:.2f}%, "
+                                                     f"upper bound {100 * g['upper_bound']:.2f}%"
+                                                     if g["certified"] else " -- not met, exits off"))
 
 
 @main.command()
@@ -234,9 +261,13 @@ def info(engine_dir: str) -> None:
         click.echo(f"  stage {s.index}: {s.file} blocks {s.blocks[:1]}..{s.blocks[-1:]} {s.flops / 1e6:.1f} MFLOPs "
                    f"+ head {s.exit_flops / 1e6:.2f} MFLOPs, threshold {t}")
     if m.calibration:
-        t = m.calibration["test"]
-        click.echo(f"  calibrated: test cascade {100 * t['cascade_accuracy']:.2f}% at {100 * t['flops_ratio']:.1f}% "
-                   f"FLOPs (full {100 * t['full_accuracy']:.2f}%)")
+        t = m.calibration.get("test") or {}
+        if "cascade_accuracy" in t:
+            click.echo(f"  calibrated: test cascade {100 * t['cascade_accuracy']:.2f}% at "
+                       f"{100 * t['flops_ratio']:.1f}% FLOPs (full {100 * t['full_accuracy']:.2f}%)")
+        if "guarantee" in m.calibration:
+            click.echo(f"  guarantee: {m.calibration['guarantee']['statement']}"
+                       + ("" if m.calibration["guarantee"]["certified"] else " -- not met, exits off"))
 
 
 
@@ -255,16 +286,23 @@ def info(engine_dir: str) -> None:
               help="Batches run at once, one inference thread each (ort-cpu only); e.g. 2 x --threads 1 on 2 cores.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits: move to earlier exits (calibrated curve) when latency nears this p99 target.")
+@click.option("--drift-window", default=None, type=int,
+              help="Drift watch: served rows compared with the calibration record [default 500 when the manifest "
+                   "has one; 0 = off].")
+@click.option("--drift-threshold", default=None, type=float,
+              help="Drift watch: total-variation distance that logs a warning and marks the page [default 0.25].")
 @_friendly_errors
 def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
                     max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None,
-                    instances: int, latency_slo_ms: float | None) -> None:
+                    instances: int, latency_slo_ms: float | None, drift_window: int | None,
+                    drift_threshold: float | None) -> None:
     """Serve ENGINE_DIR over HTTP (KServe v2 protocol) with dynamic batching, /metrics and a page at /."""
     from deploykit.serve import serve_local
 
     serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, max_request_mb=max_request_mb,
-                threads=threads, instances=instances, latency_slo_ms=latency_slo_ms)
+                threads=threads, instances=instances, latency_slo_ms=latency_slo_ms, drift_window=drift_window,
+                drift_threshold=drift_threshold)
 
 
 # ---- GPU deployment: TensorRT lint and engine build (issue 6) ---------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Any
 
 _LAZY = {
     "create_dataset": "deploykit.data.datasets", "data_info": "deploykit.data.datasets",
-    "stack_split": "deploykit.data.datasets", "write_samples": "deploykit.data.datasets",
+    "stack_split": "deploykit.data.datasets",
+    "is_unlabelled": "deploykit.data.datasets", "write_samples": "deploykit.data.datasets",
     "load_image": "deploykit.data.preprocess", "preprocess_image": "deploykit.data.preprocess",
 }
 

@@ -26,6 +26,7 @@ from deploykit.errors import DataError
 from deploykit.serve import protocol
 from deploykit.serve.adaptive import AdaptiveController
 from deploykit.serve.batcher import Batcher, BatchStats, QueueFull
+from deploykit.serve.drift import DriftWatch
 from deploykit.serve.metrics import ServeMetrics
 
 _PARSE_IN_THREAD_BYTES = 64 * 1024
@@ -43,6 +44,9 @@ class ServeConfig:
     latency_slo_ms: float | None = None  # load-adaptive exits (deploykit/serve/adaptive.py); None = off
     adaptive_tick_s: float = 0.05
     instances: int = 1  # batches run at once, one inference thread each (the cascade must be thread-safe)
+    drift_window: int = 500  # drift watch (deploykit/serve/drift.py): rows in the sliding window; 0 = off
+    drift_threshold: float = 0.25  # total-variation distance that counts as drift
+    drift_required: bool = False  # the user asked for drift watch: a manifest without a record is an error
 
 
 class _HTTPError(Exception):
@@ -66,8 +70,11 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
         adaptive.listeners.append(lambda p: metrics.observe_operating_point(p))
         metrics.observe_operating_point(adaptive.current(), adaptive.slo_s)
 
+    drift = _drift_watch(manifest, config)
+
     def run_batch(x: np.ndarray, thresholds: tuple[float | None, ...] | None) -> dict[str, Any]:
         point = adaptive.current() if adaptive is not None and thresholds is None else None
+        calibrated = thresholds is None and (point is None or point.level == 0)
         if point is not None:  # requests without their own thresholds follow the controller
             thresholds = point.thresholds
         r = cascade.run(x, list(thresholds) if thresholds is not None else None)
@@ -75,10 +82,15 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
                "stage_batch_sizes": list(r.stage_batch_sizes)}
         if point is not None:
             out["operating_point"] = np.full(len(x), point.level, dtype=np.int64)
+        out["at_calibrated_thresholds"] = calibrated  # not an array: stays out of the responses
         return out
 
     def on_batch(stats: BatchStats) -> None:
         metrics.observe_batch(stats)
+        if drift is not None and stats.result is not None and stats.result.get("at_calibrated_thresholds"):
+            d = drift.observe(stats.result["exit_stage"], stats.result["score"])
+            if d is not None:
+                metrics.observe_drift(d, drift.threshold)
         if adaptive is not None and stats.result is not None and "operating_point" in stats.result:
             adaptive.observe_batch(stats.rows, stats.seconds, int(stats.result["operating_point"][0]))
 
@@ -191,6 +203,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
                  thresholds=list(manifest.thresholds()))
         if adaptive is not None:
             s["adaptive"] = adaptive.state()
+        s["drift"] = drift.state() if drift is not None else None
         return JSONResponse(s)
 
     page = resources.files("deploykit.serve").joinpath("static/index.html").read_text()
@@ -228,8 +241,25 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, info
-    app.state.adaptive = adaptive
+    app.state.adaptive, app.state.drift = adaptive, drift
     return app
+
+
+def _drift_watch(manifest: Any, config: ServeConfig) -> DriftWatch | None:
+    """The drift watch, if on and the manifest has a calibration record (required if the user asked for it)."""
+    import logging
+
+    from deploykit.errors import ConfigError
+
+    if config.drift_window <= 0:
+        return None
+    try:
+        return DriftWatch.from_manifest(manifest, config.drift_window, config.drift_threshold)
+    except ValueError as e:
+        if config.drift_required:
+            raise ConfigError(f"--drift-window / --drift-threshold: {e}") from e
+        logging.getLogger("deploykit.serve").info("drift watch off: %s", e)
+        return None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
