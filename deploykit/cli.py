@@ -137,19 +137,32 @@ def export(run_dir: str, out: str, score: str | None, no_check: bool, parity_sam
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
-@click.option("--data", help="Val + test data: digits (default) or imagefolder:PATH; MuE: synthetic-vl (default) or "
+@click.option("--data", help="Val + test data: digits (default) or imagefolder:PATH (with --loss consistency PATH may "
+                            "be a flat folder of unlabelled images); MuE: synthetic-vl (default) or "
                             "jsonl:PATH/{split}.jsonl.")
-@click.option("--max-drop", type=float, help="Allowed accuracy drop (points) vs full depth on val [default 0.5].")
+@click.option("--max-drop", type=float, help="Allowed accuracy drop (points) vs full depth [default 0.5]: on val, or "
+                                             "with --confidence on new data.")
 @click.option("--flops-budget", type=float, help="Instead: FLOPs budget as a fraction of the full model.")
+@click.option("--confidence", type=float,
+              help="1 - δ: distribution-free guarantee (Learn-then-Test) that the drop on new data is <= --max-drop "
+                   "with this probability, e.g. 0.9.")
+@click.option("--loss", type=click.Choice(["consistency", "accuracy"]),
+              help="With --confidence: consistency (differs from full depth; no labels needed) or accuracy (right "
+                   "at full depth, wrong at the exit) [default consistency].")
+@click.option("--bound", type=click.Choice(["binomial", "hb"]),
+              help="With --confidence: binomial tail (exact for 0/1 losses) or Hoeffding-Bentkus [default binomial].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @_BACKEND
 @_friendly_errors
 def calibrate(engine_dir: str, data: str | None, max_drop: float | None, flops_budget: float | None,
-              json_out: str | None, backend: str) -> None:
+              confidence: float | None, loss: str | None, bound: str | None, json_out: str | None,
+              backend: str) -> None:
     """Pick exit thresholds on the validation split, write them to the manifest, evaluate on test."""
     family, manifest = _engine(engine_dir)
     r = family.calibrate(manifest, data=data, max_drop=max_drop, flops_budget=flops_budget, json_out=json_out,
-                         backend=backend)
+                         backend=backend, confidence=confidence, loss=loss, bound=bound)
+    for w in r.data.get("warnings", []) if isinstance(r.data, dict) else []:
+        click.echo(f"warning: {w}", err=True)
     click.echo(r.text)
 
 
@@ -279,16 +292,23 @@ def info(engine_dir: str) -> None:
               help="Batches run at once, one inference thread each (ort-cpu only); e.g. 2 x --threads 1 on 2 cores.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits: move to earlier exits (calibrated curve) when latency nears this p99 target.")
+@click.option("--drift-window", default=None, type=int,
+              help="Drift watch: served rows compared with the calibration record [default 500 when the manifest "
+                   "has one; 0 = off].")
+@click.option("--drift-threshold", default=None, type=float,
+              help="Drift watch: total-variation distance that logs a warning and marks the page [default 0.25].")
 @_friendly_errors
 def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
                     max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None,
-                    instances: int, latency_slo_ms: float | None) -> None:
+                    instances: int, latency_slo_ms: float | None, drift_window: int | None,
+                    drift_threshold: float | None) -> None:
     """Serve ENGINE_DIR over HTTP (KServe v2 protocol) with dynamic batching, /metrics and a page at /."""
     from deploykit.serve import serve_local
 
     serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, max_request_mb=max_request_mb,
-                threads=threads, instances=instances, latency_slo_ms=latency_slo_ms)
+                threads=threads, instances=instances, latency_slo_ms=latency_slo_ms, drift_window=drift_window,
+                drift_threshold=drift_threshold)
 
 
 # ---- GPU deployment: TensorRT lint and engine build (issue 6) ---------------------------------------------------

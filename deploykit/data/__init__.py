@@ -12,6 +12,7 @@ _LAZY = {
     "create_dataset": "deploykit.data.datasets", "data_info": "deploykit.data.datasets",
     "stack_split": "deploykit.data.datasets", "write_samples": "deploykit.data.datasets",
     "check_labels": "deploykit.data.datasets",
+    "is_unlabelled": "deploykit.data.datasets",
     "load_image": "deploykit.data.preprocess", "preprocess_image": "deploykit.data.preprocess",
 }
 

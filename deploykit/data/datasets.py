@@ -133,12 +133,61 @@ class ImageFolderDataset(Dataset):
         return torch.from_numpy(preprocess_image(img, self.pre)), c
 
 
-def create_dataset(spec: str, split: str, preprocessing: Any, augment: bool = False) -> Dataset:
-    """Build a data source from its spec string: ``digits`` or ``imagefolder:PATH``."""
+class UnlabelledFolderDataset(Dataset):
+    """``PATH/<image>`` with no class folders (e.g. production images): val and test halves, label -1.
+
+    Only label-free uses accept it (``calibrate --confidence ... --loss consistency``); there is no train split.
+    """
+
+    labels: list[str] = []
+
+    def __init__(self, root: str, split: str, preprocessing: Any):
+        if split not in ("val", "test"):
+            raise DataError(f"{root} holds unlabelled images (no class folders): it has val and test halves but no "
+                            f"{split!r} split; training needs PATH/<class>/<images>")
+        files = sorted(p for p in Path(root).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        order = np.random.default_rng(0).permutation(len(files))
+        half = (len(files) + 1) // 2
+        self.files = [files[i] for i in np.sort(order[:half] if split == "val" else order[half:])]
+        if not self.files:
+            raise DataError(f"no images for split {split!r} in {root} (extensions {sorted(IMAGE_EXTS)})")
+        self.targets = np.full(len(self.files), -1, dtype=np.int64)
+        self.pre = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(preprocess_image(load_image(self.files[i]), self.pre)), -1
+
+
+def is_unlabelled(spec: str) -> bool:
+    """``imagefolder:PATH`` whose PATH holds image files and no sub-folders (no classes to learn labels from)."""
+    if not spec.startswith("imagefolder:"):
+        return False
+    base = Path(spec.split(":", 1)[1])
+    if not base.is_dir():
+        return False
+    entries = list(base.iterdir())
+    return not any(p.is_dir() for p in entries) and any(p.suffix.lower() in IMAGE_EXTS for p in entries)
+
+
+def create_dataset(spec: str, split: str, preprocessing: Any, augment: bool = False,
+                   unlabelled_ok: bool = False) -> Dataset:
+    """Build a data source from its spec string: ``digits`` or ``imagefolder:PATH``.
+
+    ``unlabelled_ok``: also accept a flat folder of images without class folders (labels -1), for label-free uses.
+    """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
     if spec == "digits":
         return DigitsDataset(split, preprocessing, augment)
+    if is_unlabelled(spec):
+        if not unlabelled_ok:
+            raise DataError(f"{spec.split(':', 1)[1]} holds images but no class folders, so it has no labels; "
+                            "only `calibrate --confidence ... --loss consistency` can use unlabelled images, "
+                            "everything else needs PATH/<class>/<images>")
+        return UnlabelledFolderDataset(spec.split(":", 1)[1], split, preprocessing)
     if spec.startswith("imagefolder:"):
         return ImageFolderDataset(spec.split(":", 1)[1], split, preprocessing, augment)
     raise UnknownNameError(f"unknown data source {spec!r}; expected 'digits' or 'imagefolder:PATH'")
@@ -168,9 +217,10 @@ def check_labels(labels: list[str], spec: str, what: str = "calibrate") -> None:
                         f"{what} on the data the model was trained for")
 
 
-def stack_split(spec: str, split: str, preprocessing: Any, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A whole split as ``(float32 [N, C, H, W], int64 [N])`` arrays, for calibration and benchmarks."""
-    ds = create_dataset(spec, split, preprocessing)
+def stack_split(spec: str, split: str, preprocessing: Any, limit: int | None = None,
+                unlabelled_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as ``(float32 [N, C, H, W], int64 [N])`` arrays (labels -1 if unlabelled), for calibration."""
+    ds = create_dataset(spec, split, preprocessing, unlabelled_ok=unlabelled_ok)
     n = len(ds) if limit is None else min(limit, len(ds))
     xs, ys = zip(*(ds[i] for i in range(n)))
     return np.stack([x.numpy() for x in xs]), np.asarray(ys, dtype=np.int64)

@@ -62,7 +62,9 @@ class Family:
 
     def calibrate(self, manifest: Manifest, *, data: str | None = None, max_drop: float | None = None,
                   flops_budget: float | None = None, json_out: str | os.PathLike | None = None,
-                  backend: str = "ort-cpu") -> Outcome:
+                  backend: str = "ort-cpu", confidence: float | None = None, loss: str | None = None,
+                  bound: str | None = None) -> Outcome:
+        """Thresholds for a target; with ``confidence`` (1 - δ) chosen by distribution-free risk control."""
         raise NotImplementedError
 
     def bench(self, manifest: Manifest, **options: Any) -> Outcome:

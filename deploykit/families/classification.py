@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deploykit.errors import ConfigError
 from deploykit.families._registry import register_family
 from deploykit.families.base import Family, Outcome, refuse
 
@@ -49,17 +50,20 @@ class ClassificationFamily(Family):
 
     def calibrate(self, manifest: Manifest, *, data: str | None = None, max_drop: float | None = None,
                   flops_budget: float | None = None, json_out: str | os.PathLike | None = None,
-                  backend: str = "ort-cpu") -> Outcome:
+                  backend: str = "ort-cpu", confidence: float | None = None, loss: str | None = None,
+                  bound: str | None = None) -> Outcome:
         from deploykit.tune.calibrate import calibrate
 
+        if confidence is None and (loss or bound):
+            raise ConfigError(f"--{'loss' if loss else 'bound'} applies only with --confidence (risk control)")
         self.check_backend(backend)
         r = calibrate(manifest, data=data or "digits", max_drop=max_drop, flops_budget=flops_budget,
-                      json_out=json_out, backend=backend)
-        t = r["test"]
-        return Outcome(r, f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: full "
-                          f"{100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}% at "
-                          f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits "
-                          f"{[round(f, 3) for f in t['exit_fractions']]}")
+                      json_out=json_out, backend=backend, confidence=confidence, loss=loss or "consistency",
+                      bound=bound or "binomial")
+        g = r.get("guarantee")
+        if g is not None and g.get("message"):
+            r.setdefault("warnings", []).append(g["message"])
+        return Outcome(r, _calibration_line(r))
 
     def bench(self, manifest: Manifest, **options: Any) -> Outcome:
 
@@ -105,6 +109,9 @@ class ClassificationFamily(Family):
         if all(k in t for k in ("cascade_accuracy", "flops_ratio", "full_accuracy")):
             lines.append(f"  calibrated: test cascade {100 * t['cascade_accuracy']:.2f}% at "
                          f"{100 * t['flops_ratio']:.1f}% FLOPs (full {100 * t['full_accuracy']:.2f}%)")
+        g = (m.calibration or {}).get("guarantee")
+        if g:
+            lines.append(f"  guarantee: {g['statement']}" + ("" if g["certified"] else " -- not met, exits off"))
         return "\n".join(lines)
 
 
@@ -118,3 +125,17 @@ def _eager_model(checkpoint: str | os.PathLike, threads: int | None) -> Any:
         torch.set_num_threads(threads)
     model, _ = load_run(checkpoint)
     return model.eval()
+
+
+def _calibration_line(r: dict[str, Any]) -> str:
+    """Calibrate's summary: thresholds, test accuracy (or agreement, unlabelled) and FLOPs, and any guarantee."""
+    t, g = r["test"], r.get("guarantee")
+    acc = (f"full {100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}%"
+           if "full_accuracy" in t else f"agreement with full depth {100 * t['agreement_with_full_depth']:.2f}%")
+    line = (f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: {acc} at "
+            f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits {[round(f, 3) for f in t['exit_fractions']]}")
+    if g is not None:
+        line += (f"\nguarantee: {g['statement']}" + (f"; val {g['loss']} loss {100 * g['empirical_risk']:.2f}%, "
+                                                     f"upper bound {100 * g['upper_bound']:.2f}%"
+                                                     if g["certified"] else " -- not met, exits off"))
+    return line

@@ -79,9 +79,13 @@ class VLGenerationFamily(Family):
 
     def calibrate(self, manifest: Manifest, *, data: str | None = None, max_drop: float | None = None,
                   flops_budget: float | None = None, json_out: str | os.PathLike | None = None,
-                  backend: str = "ort-cpu") -> Outcome:
+                  backend: str = "ort-cpu", confidence: float | None = None, loss: str | None = None,
+                  bound: str | None = None) -> Outcome:
         from deploykit.tune.mue_calibrate import calibrate_mue
 
+        if confidence is not None or loss or bound:
+            raise refuse("--confidence / --loss / --bound", self.name,
+                         "risk-controlled thresholds are not yet written for MuE's per-stream and per-token exits")
         self.check_backend(backend)
         r = calibrate_mue(manifest, data=data, max_drop=max_drop, layer_budget=flops_budget, json_out=json_out)
         return Outcome(r, json.dumps({t: {"thresholds": v["thresholds"], "test": v["test"]}

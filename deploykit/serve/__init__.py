@@ -34,13 +34,17 @@ def check_port_free(host: str, port: int) -> None:
 def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort-cpu",
                 max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue: int = 256,
                 max_request_mb: float = 16.0, threads: int | None = None, log_level: str = "info",
-                latency_slo_ms: float | None = None, instances: int = 1) -> None:
+                latency_slo_ms: float | None = None, instances: int = 1, drift_window: int | None = None,
+                drift_threshold: float | None = None) -> None:
     """Load ``engine_dir`` and serve it until SIGINT / SIGTERM, then drain what is in flight and return.
 
     Binds 127.0.0.1 unless ``host`` says otherwise: putting a model on the network is the caller's explicit choice.
     ``latency_slo_ms`` turns on load-adaptive exits (see :mod:`deploykit.serve.adaptive`); off by default.
     ``instances`` > 1 runs that many batches at once on one set of ORT CPU sessions (``Run`` is thread-safe there;
     device backends keep per-run buffers, so they serve one batch at a time per process).
+    ``drift_window`` / ``drift_threshold``: drift watch against the calibration record (``deploykit.serve.drift``);
+    on with the defaults when the manifest has a record, required (error without one) when either is given;
+    ``drift_window=0`` turns it off.
     """
     try:
         import uvicorn
@@ -61,11 +65,21 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
     if instances > 1 and backend != "ort-cpu":
         raise ConfigError(f"--instances {instances} needs the ort-cpu backend (its sessions are thread-safe); the "
                           f"{backend} runner keeps per-run device buffers, so run one server per device instead")
+    from deploykit.serve.drift import DEFAULT_THRESHOLD, DEFAULT_WINDOW
+
+    if drift_window is not None and drift_window < 0 or drift_threshold is not None and not 0 < drift_threshold < 1:
+        raise ConfigError(f"expected --drift-window >= 0 rows (0 = off) and 0 < --drift-threshold < 1 (a "
+                          f"total-variation distance); got {drift_window}, {drift_threshold}")
+    if drift_window == 0 and drift_threshold is not None:
+        raise ConfigError("--drift-threshold applies only with drift watch on; drop --drift-window 0")
+    drift = {"drift_window": DEFAULT_WINDOW if drift_window is None else drift_window,
+             "drift_threshold": DEFAULT_THRESHOLD if drift_threshold is None else drift_threshold,
+             "drift_required": bool(drift_window) or drift_threshold is not None}
     check_port_free(host, port)
     engine = open_engine(engine_dir, backend=backend, threads=threads)
     try:
         app = create_app(engine, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb,
-                                                latency_slo_ms=latency_slo_ms, instances=instances))
+                                             latency_slo_ms=latency_slo_ms, instances=instances, **drift))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=60, loop="auto", http="auto")
         logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d", engine.manifest.name, host, port)

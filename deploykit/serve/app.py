@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from deploykit.serve import protocol
 from deploykit.serve.batcher import Batcher, BatchStats
+from deploykit.serve.drift import DriftWatch
 from deploykit.serve.handler import KServeHandler, Submitted
 from deploykit.serve.metrics import ServeMetrics
 from deploykit.serve.models import served_model
@@ -41,6 +42,9 @@ class ServeConfig:
     latency_slo_ms: float | None = None  # load-adaptive exits (deploykit/serve/adaptive.py); None = off
     adaptive_tick_s: float = 0.05
     instances: int = 1  # batches run at once, one inference thread each (the engine must be thread-safe)
+    drift_window: int = 500  # drift watch (deploykit/serve/drift.py): rows in the sliding window; 0 = off
+    drift_threshold: float = 0.25  # total-variation distance that counts as drift
+    drift_required: bool = False  # the user asked for drift watch: a manifest without a record is an error
 
 
 def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
@@ -57,19 +61,27 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
         adaptive.listeners.append(lambda p: metrics.observe_operating_point(p))
         metrics.observe_operating_point(adaptive.current(), adaptive.slo_s)
 
+    drift = _drift_watch(model.manifest, config)
+
     def run_batch(rows: np.ndarray, key: Any) -> dict[str, Any]:
         point = adaptive.current() if adaptive is not None and key is None else None
+        calibrated = key is None and (point is None or point.level == 0)
         if point is not None:  # requests without their own thresholds follow the controller
             key = point.thresholds
         out = model.run(rows, key)
         if point is not None:
             out["operating_point"] = np.full(len(rows), point.level, dtype=np.int64)
+        out["at_calibrated_thresholds"] = calibrated  # not an array: stays out of the responses
         return out
 
     def on_batch(stats: BatchStats) -> None:
         metrics.observe_batch(stats)
         if adaptive is not None and stats.result is not None and "operating_point" in stats.result:
             adaptive.observe_batch(stats.rows, stats.seconds, int(stats.result["operating_point"][0]))
+        if drift is not None and stats.result is not None and stats.result.get("at_calibrated_thresholds"):
+            d = drift.observe(stats.result["exit_stage"], stats.result["score"])
+            if d is not None:
+                metrics.observe_drift(d, drift.threshold)
 
     batcher = Batcher(run_batch, config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.max_queue,
                       on_batch=on_batch, instances=config.instances)
@@ -97,6 +109,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
                  max_queue_delay_ms=config.max_queue_delay_ms)
         if adaptive is not None:
             s["adaptive"] = adaptive.state()
+        s["drift"] = drift.state() if drift is not None else None
         return JSONResponse(s)
 
     page = resources.files("deploykit.serve").joinpath("static/index.html").read_text()
@@ -127,9 +140,27 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, model.info
     app.state.adaptive, app.state.model, app.state.handler = adaptive, model, handler
+    app.state.drift = drift
     return app
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     headers = {"content-type": "application/json", **(headers or {})}
     return Response(protocol.error_body(message), status, headers=headers)
+
+
+def _drift_watch(manifest: Any, config: ServeConfig) -> DriftWatch | None:
+    """The drift watch, if on and the manifest has a calibration record (required if the user asked for it)."""
+    import logging
+
+    from deploykit.errors import ConfigError
+
+    if config.drift_window <= 0:
+        return None
+    try:
+        return DriftWatch.from_manifest(manifest, config.drift_window, config.drift_threshold)
+    except ValueError as e:
+        if config.drift_required:
+            raise ConfigError(f"--drift-window / --drift-threshold: {e}") from e
+        logging.getLogger("deploykit.serve").info("drift watch off: %s", e)
+        return None

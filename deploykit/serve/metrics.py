@@ -142,6 +142,17 @@ class ServeMetrics:
         if point.expected_accuracy is not None:
             self.op_accuracy.labels(self.model).set(point.expected_accuracy)
 
+    def observe_drift(self, distance: float, threshold: float) -> None:
+        """Set the drift gauges (created on first use: servers without a calibration record don't export them)."""
+        if not hasattr(self, "drift"):
+            self.drift = Gauge("deploykit_exit_drift", "Total-variation distance between the joint distribution of "
+                               "(exit stage, exit-score bin) over the drift window and at calibration (0 = same, "
+                               "1 = disjoint).", ["model"], registry=self.registry)
+            self.drift_threshold = Gauge("deploykit_exit_drift_threshold", "The --drift-threshold level.",
+                                         ["model"], registry=self.registry)
+        self.drift.labels(self.model).set(distance)
+        self.drift_threshold.labels(self.model).set(threshold)
+
     def exposition(self) -> bytes:
         """The Prometheus text format."""
         return generate_latest(self.registry)

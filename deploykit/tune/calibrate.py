@@ -13,7 +13,8 @@ import numpy as np
 from deploykit.manifest import Manifest, as_manifest
 from deploykit.runtime.cascade import Cascade, stage_costs
 from deploykit.runtime.engines import open_cascade
-from deploykit.tune.thresholds import choose, pareto_front, simulate, sweep
+from deploykit.runtime.exit_record import build_record
+from deploykit.tune.thresholds import choose, first_exit, pareto_front, simulate, sweep
 
 DEFAULT_MAX_DROP = 0.5
 
@@ -35,6 +36,9 @@ def calibrate(
         backend: str = "ort-cpu",
         write: bool = True,
         levels: int | None = None,
+        confidence: float | None = None,
+        loss: str = "consistency",
+        bound: str = "binomial",
 ) -> dict[str, Any]:
     """Choose thresholds, write them into the manifest, and report validation and test figures.
 
@@ -48,12 +52,22 @@ def calibrate(
         backend: runner backend.
         write: write the chosen thresholds and a calibration summary into the manifest.
         levels: candidate thresholds per exit (default: about 40k combinations in all).
+        confidence: 1 - δ; turns on distribution-free risk control (``deploykit.tune.guarantee``): the drop on new
+            data is <= ``max_drop`` with this probability. Without it, ``max_drop`` holds on val only.
+        loss: with ``confidence``: ``consistency`` (disagreement with full depth; no labels needed) or ``accuracy``.
+        bound: with ``confidence``: ``binomial`` (exact for 0/1 losses) or ``hb`` (Hoeffding-Bentkus).
     """
     from deploykit import progress as P
     from deploykit.data import check_labels, stack_split
 
     manifest = as_manifest(engine_dir)
     engine_dir = manifest.root
+    if confidence is not None:  # distribution-free risk control: the drop holds on new data with prob. 1 - δ
+        from deploykit.tune.guarantee import calibrate_guaranteed
+
+        return calibrate_guaranteed(manifest, data, DEFAULT_MAX_DROP if max_drop is None else max_drop, confidence,
+                                    loss=loss, bound=bound, flops_budget=flops_budget, json_out=json_out,
+                                    plot_out=plot_out, backend=backend, write=write)
     if max_drop is None and flops_budget is None:
         max_drop = DEFAULT_MAX_DROP
     with open_cascade(manifest, backend=backend) as cascade, P.bar(5, "calibrate", unit="step") as bar:
@@ -85,6 +99,7 @@ def calibrate(
     fractions = np.bincount(res.exit_stage, minlength=m.num_stages) / len(yt)
     test_flops = float(np.dot(fractions, cum) / full)
     val_acc, val_flops, val_frac = simulate(sv, cv, cum, full, sw.thresholds[best])
+    val_stage = first_exit(sv, sw.thresholds[best])
     front = pareto_front(sw.accuracy, sw.flops_ratio)
     curve = []
     for i in front:
@@ -104,6 +119,7 @@ def calibrate(
                  "simulated_cascade_accuracy": sim_acc, "simulated_flops_ratio": sim_flops},
         "combinations_searched": int(len(sw.accuracy)),
         "curve": curve,
+        "exit_record": build_record(val_stage, sv[val_stage, np.arange(len(yv))], m.num_stages, thresholds=thr),
     }
     if json_out is not None:
         json_out = Path(json_out)
@@ -116,7 +132,7 @@ def calibrate(
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     if write:
         m.exit_policy.thresholds = thr
-        m.calibration = {k: report[k] for k in ("data", "objective", "val", "test", "curve")}
+        m.calibration = {k: report[k] for k in ("data", "objective", "val", "test", "curve", "exit_record")}
         m.calibration["calibrated_at"] = time.time()
         m.save()
     return report
