@@ -145,7 +145,8 @@ def calibrate_guaranteed(engine_dir: str | os.PathLike | Any, data: str, max_dro
     if flops_budget is not None:
         objective["flops_budget"] = flops_budget
     report: dict[str, Any] = {
-        "engine_dir": str(getattr(engine_dir, "root", engine_dir)), "data": data, "backend": backend, "labelled": labelled,
+        "engine_dir": str(getattr(engine_dir, "root", engine_dir)), "data": data, "backend": backend,
+        "labelled": labelled,
         "objective": objective, "guarantee": guarantee, "thresholds": thr, "val": val, "test": test,
         "curve": curve,
         "exit_record": build_record(sel_v, sv[sel_v, np.arange(len(xv))], m.num_stages, thresholds=thr),
