@@ -101,8 +101,11 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
         raise ConfigError(f"serve-ray needs the ray extra ({e}); install it with `pip install 'deploykit[ray]'`") from e
     import ray
 
+    from deploykit.manifest import Manifest
+    from deploykit.serve.models import check_frontend
     from deploykit.serve.ray_app import RayConfig, connect, deploy
 
+    check_frontend(Manifest.load(engine_dir), "serve-ray")  # before a Ray cluster starts
     config = RayConfig(replicas=replicas, total_replicas=total_replicas, autoscale=autoscale,
                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                        max_request_mb=max_request_mb, threads=threads, replica_cpus=replica_cpus,
