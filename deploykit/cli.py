@@ -259,7 +259,7 @@ def info(engine_dir: str) -> None:
 def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
                     max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None,
                     instances: int, latency_slo_ms: float | None) -> None:
-    """Serve ENGINE_DIR over HTTP (KServe v2 protocol) with dynamic batching, /metrics and a page at /."""
+    """Serve ENGINE_DIR (a cascade or a MuE engine) over HTTP (KServe v2) with dynamic batching, /metrics and a page."""
     from deploykit.serve import serve_local
 
     serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
