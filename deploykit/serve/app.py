@@ -83,7 +83,9 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
 
     handler = KServeHandler(model, submit, metrics, config.max_request_mb, ready=lambda: not batcher.closing,
                             adaptive=adaptive, retry_after_s=config.retry_after_s,
-                            on_scrape=lambda: metrics.queue_depth.labels(model.name).set(batcher.depth))
+                            on_scrape=lambda: metrics.queue_depth.labels(model.name).set(batcher.depth),
+                            batching={"max_batch_size": config.max_batch_size,
+                                      "max_queue_delay_ms": config.max_queue_delay_ms, "instances": config.instances})
 
     async def kserve(request: Request) -> Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
