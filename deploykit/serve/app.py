@@ -41,6 +41,8 @@ class ServeConfig:
     latency_slo_ms: float | None = None  # load-adaptive exits (deploykit/serve/adaptive.py); None = off
     adaptive_tick_s: float = 0.05
     instances: int = 1  # batches run at once, one inference thread each (the engine must be thread-safe)
+    grpc_port: int | None = None  # KServe v2 over gRPC on this port too (deploykit/serve/grpc_app.py); None/0 = off
+    grpc_host: str = "127.0.0.1"
 
 
 def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
@@ -110,10 +112,20 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         batcher.start()
         ticker = asyncio.get_running_loop().create_task(adapt()) if adaptive is not None else None
+        grpc_server = None
+        if config.grpc_port:  # gRPC on the same loop, so it shares the batcher, limits and metrics with HTTP
+            from deploykit.serve.grpc_app import start_grpc
+
+            grpc_server = await start_grpc(handler, config.grpc_host, config.grpc_port, lambda: batcher.closing)
+        app.state.grpc_server = grpc_server
         yield
         if ticker is not None:
             ticker.cancel()
+        # stop taking RPCs (those in flight go on), finish everything queued, then let the RPCs answer
+        stopping = asyncio.ensure_future(grpc_server.stop(grace=60)) if grpc_server is not None else None
         await batcher.drain_and_stop()
+        if stopping is not None:
+            await stopping
 
     async def adapt() -> None:
         while True:

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 from serve_helpers import free_port, http, outputs, png_bytes
 
 
@@ -30,12 +32,12 @@ def predict_lines(*args: str) -> list[dict]:
 
 
 @contextmanager
-def serve_local(engine: Path, tmp: Path) -> Iterator[str]:
+def serve_local(engine: Path, tmp: Path, grpc_port: int = 0) -> Iterator[str]:
     port = free_port()
     log = (tmp / f"serve-{port}.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "deploykit", "serve-local", str(engine), "--port", str(port),
-                             "--threads", "1", "--max-queue-delay-ms", "20"], stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ.copy())
+                             "--threads", "1", "--max-queue-delay-ms", "20", "--grpc-port", str(grpc_port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -65,12 +67,20 @@ def test_contract_serve_local_classification(engine_dir, tmp_path):
         paths.append(tmp_path / f"img{i}.png")
         paths[-1].write_bytes(f)
     want = predict_lines(str(engine_dir), *map(str, paths))
-    with serve_local(engine_dir, tmp_path) as url:
+    grpc_port = free_port()
+    with serve_local(engine_dir, tmp_path, grpc_port) as url:
         req = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [4],
                            "data": [base64.b64encode(f).decode() for f in files]}]}
         code, _, body = http(url + "/v2/models/tiny/infer", req)
         assert code == 200, body
         out = outputs(body)
+        grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+        client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")  # the same server over gRPC
+        inp = grpcclient.InferInput("image_bytes", [4], "BYTES")
+        inp.set_data_from_numpy(np.array(files, dtype=object))
+        labels = [v.decode() for v in client.infer("tiny", [inp]).as_numpy("label")]
+        client.close()
+    assert labels == [w["label"] for w in want]
     assert [str(v) for v in out["label"]] == [w["label"] for w in want]
     assert out["exit_stage"].tolist() == [w["exit_stage"] for w in want]
     np.testing.assert_allclose(out["probabilities"].max(1), [w["confidence"] for w in want], rtol=1e-5)
@@ -101,3 +111,14 @@ def test_contract_serve_local_mue(mue_engine_dir, mue_inputs, tmp_path):
         assert out["text_layers"].tolist() == [w["text_layers"] for w in want]
         assert [r[: len(w["decoder_layers"])] for r, w in zip(out["decoder_layers"].tolist(), want)] == \
             [w["decoder_layers"] for w in want]
+
+
+def test_grpc_port_refusals(engine_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        r = cli("serve-local", str(engine_dir), "--port", str(free_port()), "--grpc-port", str(busy))
+    assert r.returncode == 2 and f"--grpc-port {busy}: can't bind" in r.stderr and "Traceback" not in r.stderr
+    r = cli("serve-local", str(engine_dir), "--grpc-port", "70000")
+    assert r.returncode == 2 and "1..65535" in r.stderr
