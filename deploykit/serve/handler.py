@@ -120,7 +120,7 @@ class KServeHandler:
         method = "GET" if method == "HEAD" else method
         try:
             return await self._route(method, path, headers, stream)
-        except Exception as e:  # noqa: BLE001  (every error becomes a reply; infer errors are mapped in _infer)
+        except Exception as e:  # noqa: BLE001  (every error becomes a reply, mapped once by error_reply)
             return error_reply(e, self.retry_after_s)
 
     async def _route(self, method: str, path: str, headers: dict[str, str],
