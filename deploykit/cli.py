@@ -297,18 +297,20 @@ def info(engine_dir: str) -> None:
                    "has one; 0 = off].")
 @click.option("--drift-threshold", default=None, type=float,
               help="Drift watch: total-variation distance that logs a warning and marks the page [default 0.25].")
+@click.option("--grpc-port", default=None, type=int,
+              help="KServe v2 over gRPC on this port too, same --host (0: off) [default: 8001 with the grpc extra].")
 @_friendly_errors
 def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
                     max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None,
                     instances: int, latency_slo_ms: float | None, drift_window: int | None,
-                    drift_threshold: float | None) -> None:
-    """Serve ENGINE_DIR over HTTP (KServe v2 protocol) with dynamic batching, /metrics and a page at /."""
+                    drift_threshold: float | None, grpc_port: int | None) -> None:
+    """Serve ENGINE_DIR (a cascade or a MuE engine) over HTTP (KServe v2) with dynamic batching, /metrics and a page."""
     from deploykit.serve import serve_local
 
     serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, max_request_mb=max_request_mb,
                 threads=threads, instances=instances, latency_slo_ms=latency_slo_ms, drift_window=drift_window,
-                drift_threshold=drift_threshold)
+                drift_threshold=drift_threshold, grpc_port=grpc_port)
 
 
 # ---- GPU deployment: TensorRT lint and engine build (issue 6) ---------------------------------------------------

@@ -35,13 +35,14 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
                 max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue: int = 256,
                 max_request_mb: float = 16.0, threads: int | None = None, log_level: str = "info",
                 latency_slo_ms: float | None = None, instances: int = 1, drift_window: int | None = None,
-                drift_threshold: float | None = None) -> None:
+                drift_threshold: float | None = None, grpc_port: int | None = None) -> None:
     """Load ``engine_dir`` and serve it until SIGINT / SIGTERM, then drain what is in flight and return.
 
     Binds 127.0.0.1 unless ``host`` says otherwise: putting a model on the network is the caller's explicit choice.
     ``latency_slo_ms`` turns on load-adaptive exits (see :mod:`deploykit.serve.adaptive`); off by default.
-    ``instances`` > 1 runs that many batches at once on one set of ORT CPU sessions (``Run`` is thread-safe there;
-    device backends keep per-run buffers, so they serve one batch at a time per process).
+    ``grpc_port`` serves KServe v2 over gRPC on that port too (0: off; None: 8001 when the grpc extra is
+    installed, else off). ``instances`` > 1 runs that many batches at once on one set of ORT CPU sessions (``Run``
+    is thread-safe there; device backends keep per-run buffers, so they serve one batch at a time per process).
     ``drift_window`` / ``drift_threshold``: drift watch against the calibration record (``deploykit.serve.drift``);
     on with the defaults when the manifest has a record, required (error without one) when either is given;
     ``drift_window=0`` turns it off.
@@ -76,16 +77,46 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
              "drift_threshold": DEFAULT_THRESHOLD if drift_threshold is None else drift_threshold,
              "drift_required": bool(drift_window) or drift_threshold is not None}
     check_port_free(host, port)
+    grpc_port = _grpc_port(host, grpc_port)
     engine = open_engine(engine_dir, backend=backend, threads=threads)
     try:
         app = create_app(engine, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb,
-                                             latency_slo_ms=latency_slo_ms, instances=instances, **drift))
+                                             latency_slo_ms=latency_slo_ms, instances=instances,
+                                             grpc_port=grpc_port, grpc_host=host, **drift))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                                 timeout_graceful_shutdown=60, loop="auto", http="auto")
-        logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d", engine.manifest.name, host, port)
+        logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d%s", engine.manifest.name, host, port,
+                                                  f" and grpc://{host}:{grpc_port}" if grpc_port else "")
         _Server(config).run()
     finally:
         engine.close()
+
+
+def _grpc_port(host: str, port: int | None) -> int:
+    """The gRPC port to open (0: none); an explicit port needs the grpc extra and must be free."""
+    import socket
+
+    from deploykit.serve.grpc_app import require_grpc
+
+    if port is None:  # the default: Triton's 8001 when gRPC can be served
+        try:
+            require_grpc()
+        except ConfigError:
+            logging.getLogger("deploykit.serve").info("gRPC off: install 'deploykit[grpc]' to serve it")
+            return 0
+        port = 8001
+    if port == 0:
+        return 0
+    if not 0 < port < 65536:
+        raise ConfigError(f"expected --grpc-port in 1..65535 (0 turns gRPC off), got {port}")
+    require_grpc()
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"--grpc-port {port}: can't bind {host}:{port} ({e.strerror}); pick another port, "
+                              "or 0 to turn gRPC off") from e
+    return port
 
 
 def _server_class() -> Any:
@@ -134,8 +165,11 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
         raise ConfigError(f"serve-ray needs the ray extra ({e}); install it with `pip install 'deploykit[ray]'`") from e
     import ray
 
+    from deploykit.manifest import Manifest
+    from deploykit.serve.models import check_frontend
     from deploykit.serve.ray_app import RayConfig, connect, deploy
 
+    check_frontend(Manifest.load(engine_dir), "serve-ray")  # before a Ray cluster starts
     config = RayConfig(replicas=replicas, total_replicas=total_replicas, autoscale=autoscale,
                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                        max_request_mb=max_request_mb, threads=threads, replica_cpus=replica_cpus,

@@ -45,6 +45,8 @@ class ServeConfig:
     drift_window: int = 500  # drift watch (deploykit/serve/drift.py): rows in the sliding window; 0 = off
     drift_threshold: float = 0.25  # total-variation distance that counts as drift
     drift_required: bool = False  # the user asked for drift watch: a manifest without a record is an error
+    grpc_port: int | None = None  # KServe v2 over gRPC on this port too (deploykit/serve/grpc_app.py); None/0 = off
+    grpc_host: str = "127.0.0.1"
 
 
 def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
@@ -95,7 +97,9 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
 
     handler = KServeHandler(model, submit, metrics, config.max_request_mb, ready=lambda: not batcher.closing,
                             adaptive=adaptive, retry_after_s=config.retry_after_s,
-                            on_scrape=lambda: metrics.queue_depth.labels(model.name).set(batcher.depth))
+                            on_scrape=lambda: metrics.queue_depth.labels(model.name).set(batcher.depth),
+                            batching={"max_batch_size": config.max_batch_size,
+                                      "max_queue_delay_ms": config.max_queue_delay_ms, "instances": config.instances})
 
     async def kserve(request: Request) -> Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
@@ -121,10 +125,20 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         batcher.start()
         ticker = asyncio.get_running_loop().create_task(adapt()) if adaptive is not None else None
+        grpc_server = None
+        if config.grpc_port:  # gRPC on the same loop, so it shares the batcher, limits and metrics with HTTP
+            from deploykit.serve.grpc_app import start_grpc
+
+            grpc_server = await start_grpc(handler, config.grpc_host, config.grpc_port, lambda: batcher.closing)
+        app.state.grpc_server = grpc_server
         yield
         if ticker is not None:
             ticker.cancel()
+        # stop taking RPCs (those in flight go on), finish everything queued, then let the RPCs answer
+        stopping = asyncio.ensure_future(grpc_server.stop(grace=60)) if grpc_server is not None else None
         await batcher.drain_and_stop()
+        if stopping is not None:
+            await stopping
 
     async def adapt() -> None:
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,10 @@ from deploykit.serve.batcher import QueueFull
 from deploykit.serve.metrics import ServeMetrics
 from deploykit.serve.models import ServedModel
 
-_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
+_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config|/stats)?/?$")
+_SERVER_PATHS = ("/v2", "/v2/", "/v2/health/live", "/v2/health/ready", "/metrics", "/v2/models/stats",
+                 "/v2/repository/index")
+_POST_PATHS = ("/v2/repository/index",)
 _PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
@@ -96,12 +100,15 @@ class KServeHandler:
         adaptive: the load-adaptive controller, fed each successful request's latency.
         on_scrape: called before ``/metrics`` is rendered (to set gauges such as the queue depth).
         retry_after_s: the ``Retry-After`` of a 503.
+        batching: ``max_batch_size``, ``max_queue_delay_ms``, ``instances`` (for the model config endpoint).
     """
 
     def __init__(self, model: ServedModel, submit: Submit, metrics: ServeMetrics, max_request_mb: float,
                  ready: Callable[[], bool] = lambda: True, adaptive: Any = None,
-                 on_scrape: Callable[[], None] | None = None, retry_after_s: int = 1) -> None:
+                 on_scrape: Callable[[], None] | None = None, retry_after_s: int = 1,
+                 batching: dict[str, Any] | None = None) -> None:
         self.model, self.submit, self.metrics = model, submit, metrics
+        self.batching = batching or {}
         self.max_request_mb = max_request_mb
         self.max_bytes = int(max_request_mb * 1024 * 1024)
         self.ready, self.adaptive, self.on_scrape = ready, adaptive, on_scrape
@@ -113,28 +120,39 @@ class KServeHandler:
         method = "GET" if method == "HEAD" else method
         try:
             return await self._route(method, path, headers, stream)
-        except Exception as e:  # noqa: BLE001  (every error becomes a reply; infer errors are mapped in _infer)
+        except Exception as e:  # noqa: BLE001  (every error becomes a reply, mapped once by error_reply)
             return error_reply(e, self.retry_after_s)
 
     async def _route(self, method: str, path: str, headers: dict[str, str],
                      stream: Callable[[], AsyncIterator[bytes]]) -> Reply:
-        m = _MODEL_PATH.match(path)
-        known = path in ("/v2", "/v2/", "/v2/health/live", "/v2/health/ready", "/metrics") or m is not None
-        if not known:
+        m = None if path in _SERVER_PATHS else _MODEL_PATH.match(path)
+        if m is None and path not in _SERVER_PATHS:
             raise protocol.ProtocolError(f"{method} {path}: not found; see GET /v2 and /v2/models/{{name}} "
                                          "(KServe v2)", 404)
-        post = m is not None and m.group(3) == "/infer"
+        post = path in _POST_PATHS or (m is not None and m.group(3) == "/infer")
         if method != ("POST" if post else "GET"):
             raise protocol.ProtocolError(f"{method} {path}: method not allowed; use {'POST' if post else 'GET'}",
                                          405)
         if m is None:
             return self._server_route(path)
-        protocol.check_model(self.model.info, m.group(1), m.group(2))
-        if m.group(3) == "/ready":
+        name, version, what = m.group(1), m.group(2), m.group(3)
+        if what == "/infer":
+            t0 = time.perf_counter()
+            try:
+                body = await self.read_body(headers, stream)
+            except Exception as e:  # noqa: BLE001  (413, bad encoding: counted like any failed request)
+                reply = error_reply(e, self.retry_after_s)
+                self.metrics.observe_request(reply.status, time.perf_counter() - t0, None)
+                return reply
+            return await self.infer(name, version, headers, body, t0)
+        protocol.check_model(self.model.info, name, version)
+        if what == "/ready":
             return Reply(200 if self.ready() else 503)
-        if m.group(3) is None:
-            return json_reply(self.model.metadata())
-        return await self._infer(headers, stream)
+        if what == "/config":
+            return json_reply(self.model_config())
+        if what == "/stats":
+            return json_reply({"model_stats": [self.metrics.triton_statistics(self.model.version)]})
+        return json_reply(self.model.metadata())
 
     def _server_route(self, path: str) -> Reply:
         if path in ("/v2", "/v2/"):
@@ -143,15 +161,45 @@ class KServeHandler:
             return Reply(200)
         if path == "/v2/health/ready":
             return Reply(200 if self.ready() else 503)
+        if path == "/v2/models/stats":
+            return json_reply({"model_stats": [self.metrics.triton_statistics(self.model.version)]})
+        if path == "/v2/repository/index":
+            return json_reply(self.repository_index())
         if self.on_scrape is not None:
             self.on_scrape()
         return Reply(200, self.metrics.exposition(), {"content-type": self.metrics.content_type})
 
-    async def _infer(self, headers: dict[str, str], stream: Callable[[], AsyncIterator[bytes]]) -> Reply:
-        t0, code, queue_s = time.perf_counter(), 500, None
+    def repository_index(self) -> list[dict[str, str]]:
+        """The one model this server serves, ready unless the server is draining (Triton's repository index)."""
+        return [{"name": self.model.name, "version": self.model.version,
+                 "state": "READY" if self.ready() else "UNAVAILABLE"}]
+
+    def model_config(self) -> dict[str, Any]:
+        """The model as a Triton model configuration (JSON form of ``model_config.proto``), from its metadata."""
+        meta = self.model.metadata()
+
+        def tensors(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{"name": t["name"], "data_type": f"TYPE_{'STRING' if t['datatype'] == 'BYTES' else t['datatype']}",
+                     "dims": [int(d) for d in t["shape"][1:]] or [1]} for t in items]
+
+        b = self.batching
+        return {"name": self.model.name, "platform": meta["platform"], "backend": "deploykit",
+                "max_batch_size": int(b.get("max_batch_size", 0)),
+                "input": tensors(meta["inputs"]), "output": tensors(meta["outputs"]),
+                "dynamic_batching": {"max_queue_delay_microseconds": int(1000 * b.get("max_queue_delay_ms", 0))},
+                "instance_group": [{"count": int(b.get("instances", 1)), "kind": "KIND_CPU"}]}
+
+    async def infer(self, name: str, version: str | None, headers: dict[str, str], body: bytes,
+                    t0: float | None = None) -> Reply:
+        """One infer request whose body has been read (HTTP, or a gRPC request put in the HTTP body framing).
+
+        Checks the model, parses, submits and responds; errors mapped by :func:`error_reply`, metrics recorded.
+        """
+        t0 = time.perf_counter() if t0 is None else t0
+        code, queue_s = 500, None
         self.metrics.in_flight.labels(self.model.name).inc()
         try:
-            body = await self.read_body(headers, stream)
+            protocol.check_model(self.model.info, name, version)
             if len(body) > _PARSE_IN_THREAD_BYTES or b'"BYTES"' in body[:4096]:  # decoding images: off the loop
                 req = await asyncio.get_running_loop().run_in_executor(None, self.model.parse, body, headers)
             else:
@@ -184,10 +232,44 @@ class KServeHandler:
                 async for _ in stream():
                     pass
             raise TooLarge(f"request body of {int(declared)} bytes is {limit}")
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in _DECODERS:
+            raise protocol.ProtocolError(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or "
+                                         "identity", 415)
         chunks, size = [], 0
         async for chunk in stream():
             size += len(chunk)
             if size > self.max_bytes:
                 raise TooLarge(f"request body is {limit}")
             chunks.append(chunk)
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        return body if encoding == "identity" else decompress(body, encoding, self.max_bytes, limit)
+
+
+_DECODERS = {"identity": None, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
+
+
+def decompress(body: bytes, encoding: str, max_bytes: int, limit: str) -> bytes:
+    """A gzip / deflate body, decompressed; past ``max_bytes`` of output it is refused (413) before more is made.
+
+    ``deflate`` is the zlib format (RFC 9110; what tritonclient sends); a raw deflate stream is accepted too.
+    """
+    wbits = _DECODERS[encoding]
+    try:
+        d = zlib.decompressobj(wbits)
+        out = d.decompress(body, max_bytes + 1)
+    except zlib.error:
+        if encoding != "deflate":
+            raise protocol.ProtocolError(f"the {encoding} request body is corrupt; send a valid {encoding} "
+                                         "stream or no Content-Encoding") from None
+        try:
+            d = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = d.decompress(body, max_bytes + 1)
+        except zlib.error as e:
+            raise protocol.ProtocolError(f"the deflate request body is corrupt ({e}); send a valid zlib "
+                                         "stream or no Content-Encoding") from None
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise TooLarge(f"decompressed request body is {limit}")
+    if not d.eof:
+        raise protocol.ProtocolError(f"the {encoding} request body is truncated; send the whole stream")
+    return out

@@ -19,8 +19,8 @@ from deploykit.serve.batcher import BatchStats
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-OUTCOMES = {200: "success", 400: "bad_request", 404: "not_found", 413: "too_large", 500: "error",
-            503: "overloaded"}
+OUTCOMES = {200: "success", 400: "bad_request", 404: "not_found", 413: "too_large", 415: "bad_request",
+            500: "error", 503: "overloaded"}
 
 
 class ServeMetrics:
@@ -67,6 +67,9 @@ class ServeMetrics:
         self._exit_counts = np.zeros(num_stages, dtype=np.int64)
         self._codes: dict[int, int] = {}
         self._fractions: deque[float] = deque(maxlen=window)
+        self._triton = {k: [0, 0] for k in ("success", "fail", "queue", "compute_infer")}  # [count, ns]
+        self._batch_stats: dict[int, list[int]] = {}  # batch size -> [count, ns]
+        self._inferences = self._executions = self._last_inference_ms = 0
         self._started = time.time()
 
     def observe_request(self, code: int, seconds: float, queue_seconds: float | None) -> None:
@@ -79,6 +82,9 @@ class ServeMetrics:
             self._codes[code] = self._codes.get(code, 0) + 1
             if code == 200:
                 self._latencies.append(seconds)
+            _add(self._triton["success" if code == 200 else "fail"], seconds)
+            if queue_seconds is not None:
+                _add(self._triton["queue"], queue_seconds)
 
     def observe_batch(self, s: BatchStats) -> None:
         """Record one cascade run (called by the batcher)."""
@@ -86,6 +92,12 @@ class ServeMetrics:
         self.batch_size.labels(self.model).observe(s.rows)
         self.compute_seconds.labels(self.model).observe(s.seconds)
         self.rows.labels(self.model).inc(s.rows)
+        with self._lock:
+            self._inferences += s.rows
+            self._executions += 1
+            self._last_inference_ms = int(time.time() * 1000)
+            _add(self._triton["compute_infer"], s.seconds)
+            _add(self._batch_stats.setdefault(s.rows, [0, 0]), s.seconds)
         if s.result is None:
             return
         for k, n in enumerate(s.result.get("stage_batch_sizes") or []):
@@ -153,6 +165,26 @@ class ServeMetrics:
         self.drift.labels(self.model).set(distance)
         self.drift_threshold.labels(self.model).set(threshold)
 
+    def triton_statistics(self, version: str) -> dict[str, Any]:
+        """This model's entry of Triton's statistics extension (``GET /v2/models/{name}/stats``, ModelStatistics).
+
+        Durations are cumulative nanoseconds; ``compute_infer`` is the engine's time per batch (input and output
+        handling are counted in the request, so ``compute_input`` / ``compute_output`` stay 0).
+        """
+        def d(v: list[int]) -> dict[str, int]:
+            return {"count": v[0], "ns": v[1]}
+
+        zero = {"count": 0, "ns": 0}
+        with self._lock:
+            t = {k: d(v) for k, v in self._triton.items()}
+            batches = [{"batch_size": b, "compute_input": dict(zero), "compute_infer": d(v),
+                        "compute_output": dict(zero)} for b, v in sorted(self._batch_stats.items())]
+            return {"name": self.model, "version": version, "last_inference": self._last_inference_ms,
+                    "inference_count": self._inferences, "execution_count": self._executions,
+                    "inference_stats": {**t, "compute_input": dict(zero), "compute_output": dict(zero),
+                                        "cache_hit": dict(zero), "cache_miss": dict(zero)},
+                    "batch_stats": batches}
+
     def exposition(self) -> bytes:
         """The Prometheus text format."""
         return generate_latest(self.registry)
@@ -169,3 +201,8 @@ class ServeMetrics:
                 "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "window": int(lat.size)},
                 "uptime_s": time.time() - self._started,
                 "mean_layer_fraction": float(np.mean(fractions)) if fractions else None}
+
+
+def _add(acc: list[int], seconds: float) -> None:
+    acc[0] += 1
+    acc[1] += int(seconds * 1e9)

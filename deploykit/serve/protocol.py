@@ -58,13 +58,17 @@ class ModelInfo:
     num_stages: int
     platform: str = "deploykit_cascade"
     version: str = "1"
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # preprocessing normalisation (UINT8 pixels are normalised with it)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
     @classmethod
     def from_manifest(cls, manifest: Any) -> ModelInfo:
         spec = manifest.input_spec
         c, h, w = (int(v) for v in spec.shape[1:])
+        pre = manifest.preprocessing
         return cls(name=manifest.name, labels=list(manifest.labels), input_name=spec.name,
-                   input_shape=(c, h, w), num_stages=manifest.num_stages)
+                   input_shape=(c, h, w), num_stages=manifest.num_stages,
+                   mean=tuple(float(v) for v in pre.mean), std=tuple(float(v) for v in pre.std))
 
 
 # ---- metadata ----------------------------------------------------------------------------------------------
@@ -143,13 +147,14 @@ def _parse(body: bytes, headers: dict[str, str], info: ModelInfo,
     dtype = tensor.get("datatype")
     shape = limits.check_shape(tensor.get("shape"))
     raw = _binary_part(tensor, binary)
-    if dtype == "FP32":
-        rows = _fp32_rows(tensor, shape, raw, info, max_values=len(header))
+    if dtype in _PIXEL_TYPES:
+        rows = _pixel_rows(tensor, shape, raw, info, dtype, max_values=len(header))
     elif dtype == "BYTES":
         rows = _bytes_rows(tensor, shape, raw, info, decode_image)
     else:
-        raise ProtocolError(f"input datatype {dtype!r} is not supported; send FP32 pre-processed pixels "
-                            f"[B,{','.join(map(str, info.input_shape))}] or BYTES image files")
+        raise ProtocolError(f"input datatype {dtype!r} is not supported; send FP32 (or FP16) pre-processed pixels "
+                            f"[B,{','.join(map(str, info.input_shape))}], UINT8 raw pixels of that shape, or BYTES "
+                            "image files")
     if rows.shape[0] == 0:
         raise ProtocolError("the request has a batch of 0 rows; send at least one")
     if not np.isfinite(rows).all():
@@ -211,6 +216,33 @@ def _binary_part(tensor: dict[str, Any], binary: bytes) -> bytes | None:
         raise ProtocolError(f"binary_data_size {n!r} doesn't match the {len(binary)} binary bytes after the JSON "
                             "header")
     return binary
+
+
+_PIXEL_TYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1")}
+
+
+def _pixel_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info: ModelInfo,
+                dtype: str, max_values: int) -> np.ndarray:
+    """Pixel rows as float32 from an FP32, FP16 or UINT8 input.
+
+    FP32 as sent; FP16 cast to FP32 (the same pre-processed pixels); UINT8: raw 0..255 pixels at the model's input
+    size, normalised as the preprocessing does (``(x / 255 - mean) / std``).
+    """
+    wire = _PIXEL_TYPES[dtype]
+    if raw is not None and dtype != "FP32":
+        count = int(np.prod(shape)) if shape else 0
+        if len(raw) != count * wire.itemsize:
+            raise ProtocolError(f"binary {dtype} data has {len(raw)} bytes; shape {shape} needs "
+                                f"{count * wire.itemsize}")
+        raw = np.frombuffer(raw, dtype=wire).astype("<f4").tobytes()
+    rows = _fp32_rows(tensor, shape, raw, info, max_values)
+    if dtype != "UINT8":
+        return rows.astype(np.float32, copy=False)
+    if ((rows < 0) | (rows > 255) | (rows != np.floor(rows))).any():
+        raise ProtocolError("UINT8 input values must be integers in 0..255 (raw pixels)")
+    mean = np.asarray(info.mean, np.float32)[:, None, None]
+    std = np.asarray(info.std, np.float32)[:, None, None]
+    return np.ascontiguousarray((rows / np.float32(255.0) - mean) / std, dtype=np.float32)
 
 
 def _fp32_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, info: ModelInfo,

@@ -133,7 +133,8 @@ class Ingress:
         if self.adaptive is not None:
             self.adaptive.listeners.append(self.metrics.observe_operating_point)
             self.metrics.observe_operating_point(self.adaptive.current(), self.adaptive.slo_s)
-        self.handler = KServeHandler(self.model, self._submit, self.metrics, max_request_mb, adaptive=self.adaptive)
+        self.handler = KServeHandler(self.model, self._submit, self.metrics, max_request_mb, adaptive=self.adaptive,
+                                     batching={"max_batch_size": max_batch_size})
         self.tick_s = tick_s
         self._in_flight: dict[int, tuple[float, int]] = {}  # request id -> (arrival, rows)
         self._done_rows: dict[int, int] = {}  # operating point -> rows finished since the last tick

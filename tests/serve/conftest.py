@@ -56,3 +56,54 @@ def server(cascade: Any) -> Iterator[ThreadServer]:
 @pytest.fixture(autouse=True)
 def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+MUE_TINY = {"name": "mue", "dim": 32, "heads": 2, "enc_layers": 3, "dec_layers": 3, "img_size": 32, "patch_size": 8,
+            "max_text_len": 12, "max_gen_len": 18, "dec_prompt": True, "tasks": ["entailment", "caption"]}
+
+
+@pytest.fixture(scope="session")
+def mue_engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MuE engine (entailment + caption), trained for a few steps and exported once per session."""
+    from deploykit.export.mue import export_mue
+    from deploykit.methods.mue.train import train_mue
+
+    root = tmp_path_factory.mktemp("serve-mue")
+    recipe = {"name": "tiny-mue", "method": dict(MUE_TINY),
+              "data": {"spec": "synthetic-vl", "n_train": 96, "n_val": 8, "n_test": 8},
+              "train": {"steps": 20, "batch_size": 32, "eval_every": 1000, "threads": 1}}
+    run = train_mue(recipe, root / "run")
+    export_mue(run, root / "engine", check=False)
+    return root / "engine"
+
+
+@pytest.fixture(scope="session")
+def mue_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Synthetic test scenes as PNG files, with their entailment hypotheses."""
+    import io
+
+    from deploykit.data.vl import synthetic_vl
+
+    root = tmp_path_factory.mktemp("mue-inputs")
+    rows = synthetic_vl("test", n=24, size=32, tasks=("entailment",))
+    paths, files = [], []
+    for i, r in enumerate(rows):
+        buf = io.BytesIO()
+        r.image.save(buf, format="PNG")
+        files.append(buf.getvalue())
+        paths.append(root / f"scene{i}.png")
+        paths[-1].write_bytes(files[-1])
+    return {"paths": paths, "files": files, "texts": [r.text for r in rows]}
+
+
+@pytest.fixture(scope="session")
+def mue_server(mue_engine_dir: Path) -> Iterator[ThreadServer]:
+    """serve-local over the MuE engine: max batch 8, 20 ms queue delay."""
+    from deploykit.runtime.generation import MuEEngine
+    from deploykit.serve.app import ServeConfig, create_app
+
+    engine = MuEEngine.from_dir(mue_engine_dir, threads=1)
+    app = create_app(engine, ServeConfig(max_batch_size=8, max_queue_delay_ms=20, max_queue=64, max_request_mb=1))
+    with ThreadServer(app) as s:
+        yield s
+    engine.close()

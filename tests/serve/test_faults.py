@@ -65,7 +65,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine_dir):
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-c", "from deploykit.cli import main; main()", "serve-local", str(engine_dir),
-           "--port", str(port), "--max-batch-size", "64", "--max-queue-delay-ms", "1500", "--threads", "1"]
+           "--port", str(port), "--max-batch-size", "64", "--max-queue-delay-ms", "1500", "--threads", "1",
+           "--grpc-port", "0"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -47,3 +47,17 @@ def test_page_shows_label_confidence_and_exit_stage(server, tmp_path):
     shot = Path(os.environ.get("DEPLOYKIT_SCREENSHOT", tmp_path / "page.png"))
     _run(chrome, tmp_path, f"--screenshot={shot}", "--window-size=1100,650", url)
     assert shot.exists() and shot.stat().st_size > 5000
+
+
+def test_page_answers_with_a_mue_engine(mue_server, mue_inputs, tmp_path):
+    """A MuE engine: task choice and text box, the answer text and layers used shown."""
+    chrome = _chromium()
+    code, _, html = http(mue_server.url + "/")
+    assert code == 200 and b'id="task"' in html and b'id="text"' in html
+    b64 = quote(base64.b64encode(mue_inputs["files"][0]).decode())
+    url = f"{mue_server.url}/#image={b64}&task=entailment&text={quote(mue_inputs['texts'][0])}"
+    dom = _run(chrome, tmp_path, "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-done="1"' in dom.stdout, dom.stdout[-3000:]
+    assert any(f'id="label">{a}<' in dom.stdout for a in ("entailment", "neutral", "contradiction"))
+    assert 'id="layers">' in dom.stdout and " %</span>" in dom.stdout

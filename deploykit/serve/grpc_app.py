@@ -1,0 +1,212 @@
+"""KServe v2 over gRPC (``GRPCInferenceService``), a thin adapter over the shared request handler.
+
+The service and its messages are the published KServe v2 / Triton protobufs as compiled by ``tritonclient[grpc]``
+(``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc`` / ``model_config_pb2``), not hand-rolled. A
+``ModelInferRequest`` is put into the HTTP binary tensor framing (a small JSON header + the raw tensor bytes, no
+per-element conversion) and handed to :meth:`KServeHandler.infer`, so gRPC shares the parser, the batcher, the
+limits, the metrics and the load-adaptive exits with HTTP; the response's binary outputs become
+``raw_output_contents``. HTTP statuses map to gRPC codes here, once (:data:`STATUS_CODES`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from deploykit import __version__
+from deploykit.errors import ConfigError
+from deploykit.serve import protocol
+from deploykit.serve.handler import KServeHandler, Reply
+
+try:
+    import grpc
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+except ImportError as _e:  # the grpc extra is optional
+    _MISSING: ImportError | None = _e
+    pb_grpc = None
+else:
+    _MISSING = None
+
+# typed InferTensorContents field and wire dtype per KServe datatype (clients may send these instead of raw bytes)
+_CONTENTS = {"FP32": ("fp32_contents", "<f4"), "FP64": ("fp64_contents", "<f8"), "UINT8": ("uint_contents", "u1"),
+             "INT32": ("int_contents", "<i4"), "INT64": ("int64_contents", "<i8"), "BOOL": ("bool_contents", "?"),
+             "UINT32": ("uint_contents", "<u4"), "UINT64": ("uint64_contents", "<u8")}
+
+
+def require_grpc() -> None:
+    """Raise :class:`ConfigError` naming the install when grpcio / the compiled protobufs are missing."""
+    if _MISSING is not None:
+        raise ConfigError(f"--grpc-port needs the grpc extra ({_MISSING}); install it with "
+                          "`pip install 'deploykit[grpc]'`, or pass --grpc-port 0 to serve HTTP only")
+
+
+def _status_codes() -> dict[int, Any]:
+    c = grpc.StatusCode
+    return {400: c.INVALID_ARGUMENT, 404: c.NOT_FOUND, 405: c.UNIMPLEMENTED, 413: c.RESOURCE_EXHAUSTED,
+            415: c.INVALID_ARGUMENT, 500: c.INTERNAL, 503: c.RESOURCE_EXHAUSTED}
+
+
+def to_http_body(request: Any) -> tuple[bytes, dict[str, str]]:
+    """A ``ModelInferRequest`` as an HTTP infer body in the binary tensor framing (all outputs asked binary)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise protocol.ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one "
+                                     "per input, in order")
+    inputs, blobs = [], []
+    for i, t in enumerate(request.inputs):
+        data = raw[i] if raw else _contents_bytes(t)
+        inputs.append({"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape],
+                       "parameters": {"binary_data_size": len(data)}})
+        blobs.append(data)
+    params = {k: _param_value(k, v) for k, v in request.parameters.items()}
+    params["binary_data_output"] = True
+    head: dict[str, Any] = {"inputs": inputs, "parameters": params}
+    if request.id:
+        head["id"] = request.id
+    if request.outputs:
+        head["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs]
+    header = json.dumps(head, separators=(",", ":")).encode()
+    return header + b"".join(blobs), {protocol.HEADER_LENGTH: str(len(header))}
+
+
+def _contents_bytes(t: Any) -> bytes:
+    if t.datatype == "BYTES":
+        return b"".join(len(b).to_bytes(4, "little") + b for b in t.contents.bytes_contents)
+    if t.datatype not in _CONTENTS:
+        raise protocol.ProtocolError(f"input {t.name!r}: send {t.datatype} data in raw_input_contents")
+    field, dtype = _CONTENTS[t.datatype]
+    return np.asarray(getattr(t.contents, field), dtype=dtype).tobytes()
+
+
+def _param_value(key: str, p: Any) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    value = getattr(p, kind) if kind else None
+    if key == "exit_thresholds" and isinstance(value, str):  # a list has no InferParameter type: JSON text
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise protocol.ProtocolError(f"parameters.exit_thresholds must be a JSON list as a string, e.g. "
+                                         f"'[0.9, null, null]' ({e})") from e
+    return value
+
+
+def _param(v: Any) -> Any:
+    if isinstance(v, bool):
+        return pb.InferParameter(bool_param=v)
+    if isinstance(v, int):
+        return pb.InferParameter(int64_param=v)
+    if isinstance(v, float):
+        return pb.InferParameter(double_param=v)
+    return pb.InferParameter(string_param=str(v))
+
+
+def to_infer_response(reply: Reply) -> Any:
+    """The handler's HTTP reply (all outputs binary) as a ``ModelInferResponse`` with ``raw_output_contents``."""
+    n = int(reply.headers.get(protocol.HEADER_LENGTH, len(reply.body)))
+    head = json.loads(reply.body[:n])
+    resp = pb.ModelInferResponse(model_name=head["model_name"], model_version=head["model_version"],
+                                 id=head.get("id", ""))
+    for k, v in (head.get("parameters") or {}).items():
+        if v is not None:
+            resp.parameters[k].CopyFrom(_param(v))
+    pos = n
+    for o in head["outputs"]:
+        resp.outputs.add(name=o["name"], datatype=o["datatype"], shape=o["shape"])
+        size = o["parameters"]["binary_data_size"]
+        resp.raw_output_contents.append(reply.body[pos:pos + size])
+        pos += size
+    return resp
+
+
+def _servicer_class() -> type:
+    class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+        """The KServe v2 gRPC service over one :class:`KServeHandler`; unlisted RPCs answer UNIMPLEMENTED."""
+
+        def __init__(self, handler: KServeHandler, draining: Any) -> None:
+            self.h, self.draining = handler, draining
+            self.codes = _status_codes()
+
+        async def _fail(self, context: Any, reply: Reply) -> None:
+            msg = json.loads(reply.body).get("error", "") if reply.body else ""
+            code = self.codes.get(reply.status, grpc.StatusCode.UNKNOWN)
+            if reply.status == 503 and self.draining():
+                code = grpc.StatusCode.UNAVAILABLE
+            elif "retry-after" in reply.headers:  # the standard gRPC retry hint, and Triton-style text
+                s = reply.headers["retry-after"]
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(int(float(s) * 1000))),
+                                               ("retry-after", s)))
+            await context.abort(code, msg)
+
+        async def _checked(self, context: Any, name: str, version: str) -> None:
+            try:
+                protocol.check_model(self.h.model.info, name, version or None)
+            except protocol.ProtocolError as e:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+        async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802  (the proto's names)
+            return pb.ServerLiveResponse(live=True)
+
+        async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return pb.ServerReadyResponse(ready=self.h.ready())
+
+        async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+            await self._checked(context, request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.h.ready())
+
+        async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+            meta = protocol.server_metadata(__version__)
+            return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
+
+        async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+            await self._checked(context, request.name, request.version)
+            meta = self.h.model.metadata()
+            tensor = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
+                outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]])
+
+        async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+            try:
+                body, headers = to_http_body(request)
+            except protocol.ProtocolError as e:
+                await context.abort(self.codes[e.status], str(e))
+            reply = await self.h.infer(request.model_name, request.model_version or None, headers, body)
+            if reply.status != 200:
+                await self._fail(context, reply)
+            return to_infer_response(reply)
+
+        async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+            await self._checked(context, request.name, request.version)
+            config = json_format.ParseDict(self.h.model_config(), model_config_pb2.ModelConfig())
+            return pb.ModelConfigResponse(config=config)
+
+        async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
+            if request.name:
+                await self._checked(context, request.name, request.version)
+            stats = {"model_stats": [self.h.metrics.triton_statistics(self.h.model.version)]}
+            return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+        async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802
+            models = [pb.RepositoryIndexResponse.ModelIndex(**m) for m in self.h.repository_index()]
+            return pb.RepositoryIndexResponse(models=models)
+
+    return Servicer
+
+
+async def start_grpc(handler: KServeHandler, host: str, port: int, draining: Any) -> Any:
+    """Start the gRPC server on ``host:port`` on the running event loop (the batcher's); returns it."""
+    require_grpc()
+    limit = handler.max_bytes + 64 * 1024  # the tensors may use the whole request limit, plus the message framing
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", -1)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer_class()(handler, draining), server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise ConfigError(f"can't bind gRPC to {host}:{port}; pick another --grpc-port (0 turns gRPC off)")
+    await server.start()
+    return server
