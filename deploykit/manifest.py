@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deploykit.errors import ManifestError
+from deploykit.kinds import is_cascade
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "deploykit.json"
@@ -325,7 +326,7 @@ class Manifest:
         thresholds...) is refused here with a one-line error instead of failing per request.
         """
         _check_name(self.name)
-        if self.task == "classification" and not self.labels:
+        if is_cascade(self) and not self.labels:
             raise ManifestError("manifest lists no labels; re-export the model")
         pre = self.preprocessing
         if len(pre.input_size) != 3 or any(v < 1 for v in pre.input_size):
@@ -343,7 +344,7 @@ class Manifest:
         for s in list(self.stages) + ([self.monolithic] if self.monolithic else []):
             for t in s.inputs + s.outputs:
                 _check_dims(s.file, t)
-        if self.task == "classification":
+        if is_cascade(self):
             want = self.stages[0].inputs[0].shape[1:]
             if list(want) != list(pre.input_size):
                 raise ManifestError(f"preprocessing.input_size {pre.input_size} doesn't match the graph input "

@@ -5,8 +5,9 @@ must be rephrased) for comparisons against ``mue`` or a manifest task (classific
 vl-caption), ``startswith("vl")``, ``"mue" in ...``, and comparisons of a method's name (``method.name == ...``,
 ``method["name"] != ...``). PYRA's ``exits: dmpo`` setting (which exit heads PYRA uses) is a method setting, not a
 family choice, and is not matched; nor are the VL *task* names of a MuE engine (``entailment`` / ``caption``, what
-to generate), which are data, not a family choice. Allowed: ``deploykit/families/`` (the registry decides) and
-``deploykit/methods/mue/`` (MuE checking its own recipe).
+to generate), which are data, not a family choice. Allowed: ``deploykit/kinds.py`` (the one table of methods and
+tasks per family), ``deploykit/families/`` (the registry built on it) and ``deploykit/methods/mue/`` (MuE checking
+its own recipe).
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ PATTERNS = [
     re.compile(rf"""["']{NAMES}["']\s*(?:==|!=|in\b|not\s+in\b)"""),
     re.compile(r"""(?:method(?:\.get\(["']name["']\)|\[["']name["']\]|\.name))\s*(?:==|!=)"""),
 ]
-ALLOWED = ("families/", "methods/mue/")
-# owned by issue 13b (serving half of issue 13), whose branch decides the engine kind in serve/models.py
-# (engine_kind) until it asks deploykit.families.family_for_manifest; the set may only shrink
-PENDING_13B = {"runtime/cascade.py", "serve/ray_app.py", "serve/triton.py", "serve/models.py"}
+ALLOWED = ("families/", "methods/mue/", "kinds.py")
 
 
 def _hits() -> dict[str, list[str]]:
@@ -42,9 +40,8 @@ def _hits() -> dict[str, list[str]]:
 
 def test_no_method_or_task_string_tests_outside_the_family_registry():
     hits = _hits()
-    new = {k: v for k, v in hits.items() if k not in PENDING_13B}
-    assert not new, "decide the family once (deploykit.families), not here:\n" + "\n".join(
-        line for v in new.values() for line in v)
+    assert not hits, "decide the family once (deploykit.families), not here:\n" + "\n".join(
+        line for v in hits.values() for line in v)
 
 
 def test_the_scan_finds_what_it_looks_for(tmp_path):

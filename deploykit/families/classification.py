@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from deploykit.errors import ConfigError
 from deploykit.families._registry import register_family
 from deploykit.families.base import Family, Outcome, refuse
+from deploykit.kinds import FAMILIES
 
 if TYPE_CHECKING:
     from deploykit.manifest import Manifest
@@ -21,8 +22,8 @@ class ClassificationFamily(Family):
 
     name = "classification"
     description = "multi-exit / token-merging ViT classifiers run as a cascade of stage graphs"
-    methods = ("multiexit", "dmpo", "tome", "pyra")
-    tasks = ("classification",)
+    methods = FAMILIES["classification"].methods
+    tasks = FAMILIES["classification"].tasks
 
     def train(self, recipe: Any, *, out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
               overrides: dict[str, Any] | None = None, sets: tuple[str, ...] | list[str] | None = None) -> Path:

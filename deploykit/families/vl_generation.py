@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from deploykit.families._registry import register_family
 from deploykit.families.base import Family, Outcome, refuse
+from deploykit.kinds import FAMILIES
 
 if TYPE_CHECKING:
     from deploykit.manifest import Manifest
@@ -27,8 +28,8 @@ class VLGenerationFamily(Family):
 
     name = "vl-generation"
     description = "MuE: a unified vision-language encoder-decoder with per-stream and per-token exits"
-    methods = ("mue",)
-    tasks = ("vl", "vl-entailment", "vl-caption")
+    methods = FAMILIES["vl-generation"].methods
+    tasks = FAMILIES["vl-generation"].tasks
     backends = ("ort-cpu",)
     default_opset = 17
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from deploykit.backends import Runner, create_runner
 from deploykit.errors import BackendError, DataError
+from deploykit.kinds import is_cascade
 from deploykit.manifest import Manifest
 from deploykit.runtime.exit_step import ExitState, softmax  # noqa: F401  (softmax: re-exported)
 
@@ -50,7 +51,7 @@ class Cascade:
                  **runner_kwargs: Any) -> Cascade:
         """Load the manifest and one runner per stage; checks that the graphs match the manifest."""
         manifest = Manifest.load(engine_dir)
-        if manifest.task != "classification":
+        if not is_cascade(manifest):
             from deploykit.errors import ManifestError
 
             raise ManifestError(f"{engine_dir} holds a {manifest.task!r} model, not a classification cascade")

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from deploykit import kinds
 from deploykit.errors import ConfigError
 from deploykit.serve import protocol
 
 
 def engine_kind(manifest: Any) -> str:
-    """``mue`` for a MuE vision-language engine (its manifest carries ``extra.mue``), else ``cascade``."""
-    return "mue" if "mue" in (getattr(manifest, "extra", None) or {}) else "cascade"
+    """How the manifest's engine runs, from the one family table (:func:`deploykit.kinds.engine_kind`)."""
+    return kinds.engine_kind(manifest)
 
 
 class ServedModel:
@@ -183,7 +184,7 @@ class MuEModel(ServedModel):
         return {**super().page_info(), "tasks": self.tasks}
 
 
-ADAPTERS: dict[str, type[ServedModel]] = {"cascade": CascadeModel, "mue": MuEModel}
+ADAPTERS: dict[str, type[ServedModel]] = {kinds.CASCADE: CascadeModel, kinds.GENERATION: MuEModel}
 
 
 def served_model(engine: Any) -> ServedModel:
