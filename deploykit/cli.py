@@ -233,8 +233,8 @@ def info(engine_dir: str) -> None:
     for s, t in zip(m.stages, m.thresholds()):
         click.echo(f"  stage {s.index}: {s.file} blocks {s.blocks[:1]}..{s.blocks[-1:]} {s.flops / 1e6:.1f} MFLOPs "
                    f"+ head {s.exit_flops / 1e6:.2f} MFLOPs, threshold {t}")
-    if m.calibration:
-        t = m.calibration["test"]
+    t = (m.calibration or {}).get("test") or {}
+    if all(k in t for k in ("cascade_accuracy", "flops_ratio", "full_accuracy")):  # types checked at load
         click.echo(f"  calibrated: test cascade {100 * t['cascade_accuracy']:.2f}% at {100 * t['flops_ratio']:.1f}% "
                    f"FLOPs (full {100 * t['full_accuracy']:.2f}%)")
 
@@ -255,16 +255,24 @@ def info(engine_dir: str) -> None:
               help="Batches run at once, one inference thread each (ort-cpu only); e.g. 2 x --threads 1 on 2 cores.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits: move to earlier exits (calibrated curve) when latency nears this p99 target.")
+@click.option("--read-timeout", default=30.0, show_default=True, type=float,
+              help="Seconds a request body may take to arrive (408 past it).")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=float,
+              help="SIGTERM: seconds accepted requests may take to finish; those still queued then get a 503.")
+@click.option("--max-image-pixels", default=None, type=int,
+              help="Pixel budget per image file, read from its header before decoding (default 16777216).")
 @_friendly_errors
 def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
                     max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None,
-                    instances: int, latency_slo_ms: float | None) -> None:
+                    instances: int, latency_slo_ms: float | None, read_timeout: float, drain_timeout: float,
+                    max_image_pixels: int | None) -> None:
     """Serve ENGINE_DIR over HTTP (KServe v2 protocol) with dynamic batching, /metrics and a page at /."""
     from deploykit.serve import serve_local
 
     serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, max_request_mb=max_request_mb,
-                threads=threads, instances=instances, latency_slo_ms=latency_slo_ms)
+                threads=threads, instances=instances, latency_slo_ms=latency_slo_ms, read_timeout_s=read_timeout,
+                drain_timeout_s=drain_timeout, max_image_pixels=max_image_pixels)
 
 
 # ---- GPU deployment: TensorRT lint and engine build (issue 6) ---------------------------------------------------

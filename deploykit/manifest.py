@@ -391,7 +391,7 @@ def _check_calibration(cal: Any) -> None:
     if test is None:
         return
     fields = ("cascade_accuracy", "flops_ratio", "full_accuracy")
-    if not isinstance(test, dict) or not all(_is_number(test.get(k)) for k in fields):
+    if not isinstance(test, dict) or not all(_is_number(test[k]) for k in fields if k in test):
         raise ManifestError(f"calibration.test must hold numbers {list(fields)}, found {str(test)[:120]}; run "
                             "`deploykit calibrate` again")
 

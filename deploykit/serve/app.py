@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -45,6 +45,39 @@ class ServeConfig:
     adaptive_tick_s: float = 0.05
     instances: int = 1  # batches run at once, one inference thread each (the cascade must be thread-safe)
     max_image_pixels: int = MAX_IMAGE_PIXELS  # per image file, checked from its header before decoding
+    read_timeout_s: float = 30.0  # a request body must arrive within this (408 past it)
+    drain_timeout_s: float = 30.0  # SIGTERM: how long accepted requests may take to finish (503 for those left)
+
+
+class Drain:
+    """Shutdown state shared by the app and the server: readiness, requests in the handler, the drain deadline.
+
+    ``begin`` (SIGTERM) turns readiness to 503; requests keep being served until the deadline; ``expire`` (the
+    deadline) answers every request still waiting in the queue or for its body with a 503, so each accepted
+    request is answered exactly once, within ``--drain-timeout``.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.active = 0  # infer requests inside the handler
+        self.deadline: float | None = None
+        self.expired: asyncio.Future | None = None  # created on the server's loop (lifespan)
+
+    @property
+    def draining(self) -> bool:
+        return self.deadline is not None
+
+    def begin(self) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout_s
+
+    def remaining_s(self) -> float:
+        return float("inf") if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def expire(self) -> None:
+        """The deadline passed: answer what is still queued or reading its body with a 503."""
+        if self.expired is not None and not self.expired.done():
+            self.expired.set_result(True)
 
 
 class _HTTPError(Exception):
@@ -61,6 +94,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
     metrics = ServeMetrics(info.name, info.num_stages, config.max_batch_size)
     max_bytes = int(config.max_request_mb * 1024 * 1024)
     pre = manifest.preprocessing
+    drain = Drain(config.drain_timeout_s)
 
     adaptive = (AdaptiveController.from_manifest(manifest, config.latency_slo_ms, instances=config.instances)
                 if config.latency_slo_ms is not None else None)
@@ -100,6 +134,20 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
             raise _HTTPError(e.status, str(e)) from e
 
     async def read_body(request: Request) -> bytes:
+        """The body within ``read_timeout_s`` (and the drain deadline): a stalled client holds nothing for long."""
+        reader = asyncio.ensure_future(_read_body(request))
+        stop = {reader} if drain.expired is None else {reader, drain.expired}
+        done, _ = await asyncio.wait(stop, timeout=config.read_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            return reader.result()
+        reader.cancel()
+        if drain.expired is not None and drain.expired.done():
+            raise _HTTPError(503, "the server is shutting down and the request body had not arrived; retry",
+                             {"retry-after": str(config.retry_after_s), "connection": "close"})
+        raise _HTTPError(408, f"the request body did not arrive within {config.read_timeout_s:g} s "
+                              "(--read-timeout); send it at once", {"connection": "close"})
+
+    async def _read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             if int(declared) <= 4 * max_bytes:  # read and drop it, so simple clients see the 413, not a reset
@@ -108,12 +156,16 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
             raise _HTTPError(413, f"request body of {int(declared)} bytes is over the limit of {max_bytes} bytes "
                                   f"(--max-request-mb {config.max_request_mb:g}); send fewer rows per request")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise _HTTPError(413, f"request body is over the limit of {max_bytes} bytes "
-                                      f"(--max-request-mb {config.max_request_mb:g}); send fewer rows per request")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _HTTPError(413, f"request body is over the limit of {max_bytes} bytes "
+                                          f"(--max-request-mb {config.max_request_mb:g}); send fewer rows per "
+                                          "request")
+                chunks.append(chunk)
+        except ClientDisconnect as e:  # the client went away: not a server error, nobody to answer
+            raise _HTTPError(499, "client closed the connection before sending the whole body") from e
         return b"".join(chunks)
 
     async def infer_once(request: Request) -> tuple[Response, int, float | None]:
@@ -147,6 +199,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
         t0 = time.perf_counter()
         code, queue_s = 500, None
         metrics.in_flight.labels(info.name).inc()
+        drain.active += 1
         try:
             response, code, queue_s = await infer_once(request)
             return response
@@ -154,6 +207,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
             code = e.status
             return _error(e.status, str(e), e.headers)
         finally:
+            drain.active -= 1
             metrics.in_flight.labels(info.name).dec()
             metrics.observe_request(code, time.perf_counter() - t0, queue_s)
             if adaptive is not None and code == 200:
@@ -163,7 +217,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
         return Response(status_code=200)
 
     async def ready(request: Request) -> Response:
-        return Response(status_code=503 if batcher.closing else 200)
+        return Response(status_code=503 if batcher.closing or drain.draining else 200)
 
     async def server_meta(request: Request) -> Response:
         return JSONResponse(protocol.server_metadata(__version__))
@@ -180,7 +234,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
             check_model(request)
         except _HTTPError as e:
             return _error(e.status, str(e))
-        return Response(status_code=503 if batcher.closing else 200)
+        return Response(status_code=503 if batcher.closing or drain.draining else 200)
 
     async def prom(request: Request) -> Response:
         metrics.queue_depth.labels(info.name).set(batcher.depth)
@@ -203,6 +257,9 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         batcher.start()
+        drain.expired = asyncio.get_running_loop().create_future()
+        drain.expired.add_done_callback(lambda _: batcher.abandon_queued(
+            f"the server shut down before this request ran (--drain-timeout {config.drain_timeout_s:g} s)"))
         ticker = asyncio.get_running_loop().create_task(adapt()) if adaptive is not None else None
         yield
         if ticker is not None:
@@ -231,6 +288,7 @@ def create_app(cascade: Any, config: ServeConfig | None = None) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, info
     app.state.adaptive = adaptive
+    app.state.drain = drain
     return app
 
 
