@@ -11,7 +11,8 @@ import threading
 import time
 from collections import Counter
 
-from serve_helpers import ProcessServer, bytes_request, fp32_request, http, rows
+import pytest
+from serve_helpers import ProcessServer, bytes_request, fp32_request, http, png_bytes, rows
 
 
 def _client(port: int, stop: threading.Event, outcomes: Counter, lock: threading.Lock, seed: int) -> None:
@@ -92,7 +93,7 @@ def test_png_bomb_gets_a_400_and_memory_stays_flat(engine_dir):
     from test_limits import png_bomb
 
     bomb = png_bomb(13000)
-    with ProcessServer(engine_dir) as srv:
+    with ProcessServer(engine_dir, "--max-image-pixels", "500") as srv:
         url = srv.url + "/v2/models/tiny/infer"
         assert http(url, fp32_request(rows(2)))[0] == 200  # warm
         idle_peak = srv.rss_kb("VmHWM")
@@ -107,4 +108,18 @@ def test_png_bomb_gets_a_400_and_memory_stays_flat(engine_dir):
         assert [c for c, _, _ in results] == [400] * 3
         assert all(b"pixel budget" in body for _, _, body in results)
         assert http(url, fp32_request(rows(2)))[0] == 200
+        assert http(url, bytes_request([png_bytes(size=20)]))[0] == 200  # 400 pixels: within --max-image-pixels
+        code, _, body = http(url, bytes_request([png_bytes(size=24)]))  # 576 pixels: over it
+        assert code == 400 and b"over the pixel budget of 500" in body
     assert peak - idle_peak < 100 * 1024, (idle_peak, peak)  # < 100 MB over idle (a decode would be ~500 MB)
+
+
+@pytest.mark.parametrize("flag, value", [("--read-timeout", "0"), ("--drain-timeout", "-1"),
+                                         ("--max-image-pixels", "0")])
+def test_bad_timeouts_and_budgets_are_refused(engine_dir, flag, value):
+    from click.testing import CliRunner
+
+    from deploykit.cli import main
+
+    r = CliRunner().invoke(main, ["serve-local", str(engine_dir), flag, value])
+    assert r.exit_code == 2 and flag in r.output and "Traceback" not in r.output, r.output
