@@ -299,18 +299,26 @@ def info(engine_dir: str) -> None:
               help="Drift watch: total-variation distance that logs a warning and marks the page [default 0.25].")
 @click.option("--grpc-port", default=None, type=int,
               help="KServe v2 over gRPC on this port too, same --host (0: off) [default: 8001 with the grpc extra].")
+@click.option("--read-timeout", default=30.0, show_default=True, type=float,
+              help="Seconds a request body may take to arrive (408 past it).")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=float,
+              help="SIGTERM: seconds accepted requests may take to finish; those still queued then get a 503.")
+@click.option("--max-image-pixels", default=None, type=int,
+              help="Pixel budget per image file, read from its header before decoding (default 16777216).")
 @_friendly_errors
 def serve_local_cmd(engine_dir: str, host: str, port: int, backend: str, max_batch_size: int,
                     max_queue_delay_ms: float, max_queue: int, max_request_mb: float, threads: int | None,
                     instances: int, latency_slo_ms: float | None, drift_window: int | None,
-                    drift_threshold: float | None, grpc_port: int | None) -> None:
+                    drift_threshold: float | None, grpc_port: int | None, read_timeout: float, drain_timeout: float,
+                    max_image_pixels: int | None) -> None:
     """Serve ENGINE_DIR (a cascade or a MuE engine) over HTTP (KServe v2) with dynamic batching, /metrics and a page."""
     from deploykit.serve import serve_local
 
     serve_local(engine_dir, host=host, port=port, backend=backend, max_batch_size=max_batch_size,
                 max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue, max_request_mb=max_request_mb,
                 threads=threads, instances=instances, latency_slo_ms=latency_slo_ms, drift_window=drift_window,
-                drift_threshold=drift_threshold, grpc_port=grpc_port)
+                drift_threshold=drift_threshold, grpc_port=grpc_port, read_timeout_s=read_timeout,
+                drain_timeout_s=drain_timeout, max_image_pixels=max_image_pixels)
 
 
 # ---- GPU deployment: TensorRT lint and engine build (issue 6) ---------------------------------------------------

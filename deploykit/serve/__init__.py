@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -35,7 +38,8 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
                 max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_queue: int = 256,
                 max_request_mb: float = 16.0, threads: int | None = None, log_level: str = "info",
                 latency_slo_ms: float | None = None, instances: int = 1, drift_window: int | None = None,
-                drift_threshold: float | None = None, grpc_port: int | None = None) -> None:
+                drift_threshold: float | None = None, grpc_port: int | None = None, read_timeout_s: float = 30.0,
+                drain_timeout_s: float = 30.0, max_image_pixels: int | None = None) -> None:
     """Load ``engine_dir`` and serve it until SIGINT / SIGTERM, then drain what is in flight and return.
 
     Binds 127.0.0.1 unless ``host`` says otherwise: putting a model on the network is the caller's explicit choice.
@@ -46,6 +50,8 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
     ``drift_window`` / ``drift_threshold``: drift watch against the calibration record (``deploykit.serve.drift``);
     on with the defaults when the manifest has a record, required (error without one) when either is given;
     ``drift_window=0`` turns it off.
+    ``read_timeout_s`` bounds how long a request body may take to arrive; ``drain_timeout_s`` how long SIGTERM
+    waits for accepted requests; ``max_image_pixels`` is the per-image budget read from the header before decoding.
     """
     try:
         import uvicorn
@@ -63,6 +69,11 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
         raise ConfigError(f"expected --latency-slo-ms > 0, got {latency_slo_ms}")
     if instances < 1:
         raise ConfigError(f"expected --instances >= 1, got {instances}")
+    if not read_timeout_s > 0 or not drain_timeout_s >= 0:
+        raise ConfigError(f"expected --read-timeout > 0 and --drain-timeout >= 0 (seconds), got {read_timeout_s} and "
+                          f"{drain_timeout_s}")
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise ConfigError(f"expected --max-image-pixels >= 1, got {max_image_pixels}")
     if instances > 1 and backend != "ort-cpu":
         raise ConfigError(f"--instances {instances} needs the ort-cpu backend (its sessions are thread-safe); the "
                           f"{backend} runner keeps per-run device buffers, so run one server per device instead")
@@ -80,11 +91,13 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
     grpc_port = _grpc_port(host, grpc_port)
     engine = open_engine(engine_dir, backend=backend, threads=threads)
     try:
+        extra = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}
         app = create_app(engine, ServeConfig(max_batch_size, max_queue_delay_ms, max_queue, max_request_mb,
                                              latency_slo_ms=latency_slo_ms, instances=instances,
-                                             grpc_port=grpc_port, grpc_host=host, **drift))
+                                             grpc_port=grpc_port, grpc_host=host, read_timeout_s=read_timeout_s,
+                                             drain_timeout_s=drain_timeout_s, **drift, **extra))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=60, loop="auto", http="auto")
+                                timeout_graceful_shutdown=max(1.0, drain_timeout_s), loop="auto", http="auto")
         logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d%s", engine.manifest.name, host, port,
                                                   f" and grpc://{host}:{grpc_port}" if grpc_port else "")
         _Server(config).run()
@@ -123,11 +136,54 @@ def _server_class() -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server, but a SIGTERM / SIGINT that was drained gracefully ends in exit code 0.
+        """uvicorn's server with a bounded drain, and a SIGTERM / SIGINT that was drained ending in exit code 0.
 
-        uvicorn re-raises the captured signal after shutdown (so the process dies *by* the signal); a server that
-        finished every request it accepted has done its job, so deploykit returns normally instead.
+        Drain (SIGTERM): readiness turns 503 at once and requests keep being served, until none is in the handler
+        or ``--drain-timeout`` passes; then the connections already waiting in the listen backlog are accepted
+        (so no request already sent is reset), the listener is closed, and whatever is still queued at the
+        deadline is answered 503. uvicorn re-raises the captured signal after shutdown (so the process dies *by*
+        the signal); a server that answered every request it accepted has done its job, so deploykit returns
+        normally instead.
         """
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+            if drain is not None and not self.force_exit:
+                drain.begin()
+                await self._wait(drain)
+                self._accept_backlog_and_close()
+                await asyncio.sleep(0.2)  # let just-accepted connections read their requests
+                await self._wait(drain)
+                drain.expire()
+                await asyncio.sleep(0.05)
+            await super().shutdown(sockets)
+
+        async def _wait(self, drain: Any) -> None:
+            while drain.active and drain.remaining_s() > 0 and not self.force_exit:
+                await asyncio.sleep(0.02)
+
+        def _accept_backlog_and_close(self) -> None:
+            """Accept every connection the kernel already completed, then stop listening (one synchronous step)."""
+            loop = asyncio.get_running_loop()
+            factory = functools.partial(self.config.http_protocol_class, config=self.config,
+                                        server_state=self.server_state, app_state=self.lifespan.state)
+            for server in self.servers:
+                for tsock in server.sockets or ():
+                    with socket.socket(fileno=os.dup(tsock.fileno())) as listener:
+                        listener.setblocking(False)
+                        while True:
+                            try:
+                                conn, _ = listener.accept()
+                            except (BlockingIOError, InterruptedError, OSError):
+                                break
+                            conn.setblocking(False)
+                            loop.create_task(loop.connect_accepted_socket(factory, conn))
+                server.close()
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:  # a second signal: stop now
+                self.force_exit = True
+            self.should_exit = True
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

@@ -16,14 +16,15 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from deploykit.data.preprocess import MAX_IMAGE_PIXELS
 from deploykit.serve import protocol
 from deploykit.serve.batcher import Batcher, BatchStats
 from deploykit.serve.drift import DriftWatch
-from deploykit.serve.handler import KServeHandler, Submitted
+from deploykit.serve.handler import ClientGone, Drain, KServeHandler, Submitted
 from deploykit.serve.metrics import ServeMetrics
 from deploykit.serve.models import served_model
 
@@ -47,6 +48,9 @@ class ServeConfig:
     drift_required: bool = False  # the user asked for drift watch: a manifest without a record is an error
     grpc_port: int | None = None  # KServe v2 over gRPC on this port too (deploykit/serve/grpc_app.py); None/0 = off
     grpc_host: str = "127.0.0.1"
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # per image file, checked from its header before decoding
+    read_timeout_s: float = 30.0  # a request body must arrive within this (408 past it)
+    drain_timeout_s: float = 30.0  # SIGTERM: how long accepted requests may take to finish (503 for those left)
 
 
 def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
@@ -56,6 +60,8 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
     """
     config = config or ServeConfig()
     model = served_model(engine)
+    model.max_image_pixels = config.max_image_pixels
+    drain = Drain(config.drain_timeout_s)
     metrics = ServeMetrics(model.name, model.num_stages, config.max_batch_size)
     adaptive = (model.adaptive_controller(config.latency_slo_ms, config.instances)
                 if config.latency_slo_ms is not None else None)
@@ -95,15 +101,25 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
             params = adaptive.ladder[int(result["operating_point"].max())].as_params()
         return Submitted(result, queue_s, params)
 
-    handler = KServeHandler(model, submit, metrics, config.max_request_mb, ready=lambda: not batcher.closing,
+    handler = KServeHandler(model, submit, metrics, config.max_request_mb,
+                            ready=lambda: not (batcher.closing or drain.draining),
                             adaptive=adaptive, retry_after_s=config.retry_after_s,
                             on_scrape=lambda: metrics.queue_depth.labels(model.name).set(batcher.depth),
                             batching={"max_batch_size": config.max_batch_size,
-                                      "max_queue_delay_ms": config.max_queue_delay_ms, "instances": config.instances})
+                                      "max_queue_delay_ms": config.max_queue_delay_ms, "instances": config.instances},
+                            read_timeout_s=config.read_timeout_s, drain=drain)
 
     async def kserve(request: Request) -> Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
-        r = await handler.handle(request.method, request.url.path, headers, request.stream)
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in request.stream():
+                    yield chunk
+            except ClientDisconnect as e:  # the client went away: not a server error, and nobody to answer
+                raise ClientGone("client closed the connection before sending the whole body") from e
+
+        r = await handler.handle(request.method, request.url.path, headers, stream)
         return Response(r.body, r.status, headers=r.headers)
 
     async def stats(request: Request) -> Response:
@@ -124,6 +140,9 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         batcher.start()
+        drain.expired = asyncio.get_running_loop().create_future()
+        drain.expired.add_done_callback(lambda _: batcher.abandon_queued(
+            f"the server shut down before this request ran (--drain-timeout {config.drain_timeout_s:g} s)"))
         ticker = asyncio.get_running_loop().create_task(adapt()) if adaptive is not None else None
         grpc_server = None
         if config.grpc_port:  # gRPC on the same loop, so it shares the batcher, limits and metrics with HTTP
@@ -154,7 +173,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, model.info
     app.state.adaptive, app.state.model, app.state.handler = adaptive, model, handler
-    app.state.drift = drift
+    app.state.drift, app.state.drain = drift, drain
     return app
 
 

@@ -167,7 +167,7 @@ class Batcher:
             head = self._queue[0]
             if head.future.done():  # its client went away before it ran
                 self._queue.popleft()
-                self._rows[head.thresholds] -= head.left
+                self._sub_rows(head.thresholds, head.left)
                 continue
             deadline = head.enqueued + self.max_queue_delay_s
             while self._ready_rows(head.thresholds) < self.max_batch_size and not self._closing:
@@ -202,6 +202,25 @@ class Batcher:
     def _ready_rows(self, key: Thresholds) -> int:
         return self._rows.get(key, 0)
 
+    def _sub_rows(self, key: Thresholds, n: int) -> None:
+        """Count rows out; a thresholds key with none left is dropped (unique per-request thresholds don't pile up)."""
+        left = self._rows.get(key, 0) - n
+        if left > 0:
+            self._rows[key] = left
+        else:
+            self._rows.pop(key, None)
+
+    def abandon_queued(self, reason: str) -> int:
+        """Fail every request still waiting (not running) with :class:`QueueFull`; returns how many (drain deadline)."""
+        n = 0
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(QueueFull(reason))
+                n += 1
+        self._queue.clear()
+        self._rows.clear()
+        return n
+
     def _take(self, key: Thresholds) -> list[tuple[_Pending, int, int]]:
         """Pop up to ``max_batch_size`` rows of requests sharing ``key``, oldest first, splitting the last."""
         room, parts, keep = self.max_batch_size, [], deque()
@@ -209,7 +228,7 @@ class Batcher:
         while self._queue:
             p = self._queue.popleft()
             if p.future.done():  # the client went away, or an earlier part failed: drop the rest
-                self._rows[p.thresholds] -= p.left
+                self._sub_rows(p.thresholds, p.left)
                 continue
             if room == 0 or p.thresholds != key:
                 keep.append(p)
@@ -219,7 +238,7 @@ class Batcher:
                 p.queue_seconds = now - p.enqueued
             parts.append((p, p.taken, p.taken + n))
             p.taken += n
-            self._rows[key] -= n
+            self._sub_rows(key, n)
             room -= n
             if p.left:
                 keep.append(p)

@@ -63,6 +63,49 @@ class TooLarge(Exception):
     """The request body is over ``--max-request-mb``."""
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its body arrived (499: nobody is left to answer)."""
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within ``--read-timeout`` (408)."""
+
+
+class ShuttingDown(Exception):
+    """The drain deadline passed before the request body arrived (503)."""
+
+
+class Drain:
+    """Shutdown state shared by a front-end and its server: readiness, infer requests in the handler, the deadline.
+
+    ``begin`` (SIGTERM) turns readiness to 503; requests keep being served until the deadline; ``expire`` (the
+    deadline) answers every request still waiting in the queue or for its body with a 503, so each accepted
+    request is answered exactly once, within ``--drain-timeout``.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.active = 0  # infer requests inside the handler
+        self.deadline: float | None = None
+        self.expired: asyncio.Future | None = None  # created on the server's loop (lifespan)
+
+    @property
+    def draining(self) -> bool:
+        return self.deadline is not None
+
+    def begin(self) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout_s
+
+    def remaining_s(self) -> float:
+        return float("inf") if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def expire(self) -> None:
+        """The deadline passed: answer what is still queued or reading its body with a 503."""
+        if self.expired is not None and not self.expired.done():
+            self.expired.set_result(True)
+
+
 def json_reply(obj: Any, status: int = 200) -> Reply:
     """A JSON body reply."""
     import json
@@ -77,6 +120,14 @@ def error_reply(e: BaseException, retry_after_s: int = 1) -> Reply:
         status, msg = e.status, str(e)
     elif isinstance(e, TooLarge):
         status, msg = 413, str(e)
+    elif isinstance(e, ClientGone):
+        status, msg = 499, str(e)
+    elif isinstance(e, BodyTimeout):
+        status, msg = 408, str(e)
+        headers["connection"] = "close"
+    elif isinstance(e, ShuttingDown):
+        status, msg = 503, str(e)
+        headers.update({"retry-after": str(retry_after_s), "connection": "close"})
     elif isinstance(e, QueueFull):
         status, msg = 503, f"server busy: {e}; retry after {retry_after_s} s"
         headers["retry-after"] = str(retry_after_s)
@@ -101,18 +152,22 @@ class KServeHandler:
         on_scrape: called before ``/metrics`` is rendered (to set gauges such as the queue depth).
         retry_after_s: the ``Retry-After`` of a 503.
         batching: ``max_batch_size``, ``max_queue_delay_ms``, ``instances`` (for the model config endpoint).
+        read_timeout_s: how long a request body may take to arrive (408 past it; None: no limit).
+        drain: the server's shutdown state (infer requests counted; bodies still arriving at its deadline get 503).
     """
 
     def __init__(self, model: ServedModel, submit: Submit, metrics: ServeMetrics, max_request_mb: float,
                  ready: Callable[[], bool] = lambda: True, adaptive: Any = None,
                  on_scrape: Callable[[], None] | None = None, retry_after_s: int = 1,
-                 batching: dict[str, Any] | None = None) -> None:
+                 batching: dict[str, Any] | None = None, read_timeout_s: float | None = None,
+                 drain: Drain | None = None) -> None:
         self.model, self.submit, self.metrics = model, submit, metrics
         self.batching = batching or {}
         self.max_request_mb = max_request_mb
         self.max_bytes = int(max_request_mb * 1024 * 1024)
         self.ready, self.adaptive, self.on_scrape = ready, adaptive, on_scrape
         self.retry_after_s = retry_after_s
+        self.read_timeout_s, self.drain = read_timeout_s, drain
 
     async def handle(self, method: str, path: str, headers: dict[str, str],
                      stream: Callable[[], AsyncIterator[bytes]]) -> Reply:
@@ -137,14 +192,13 @@ class KServeHandler:
             return self._server_route(path)
         name, version, what = m.group(1), m.group(2), m.group(3)
         if what == "/infer":
-            t0 = time.perf_counter()
+            if self.drain is not None:
+                self.drain.active += 1
             try:
-                body = await self.read_body(headers, stream)
-            except Exception as e:  # noqa: BLE001  (413, bad encoding: counted like any failed request)
-                reply = error_reply(e, self.retry_after_s)
-                self.metrics.observe_request(reply.status, time.perf_counter() - t0, None)
-                return reply
-            return await self.infer(name, version, headers, body, t0)
+                return await self._read_and_infer(name, version, headers, stream)
+            finally:
+                if self.drain is not None:
+                    self.drain.active -= 1
         protocol.check_model(self.model.info, name, version)
         if what == "/ready":
             return Reply(200 if self.ready() else 503)
@@ -218,6 +272,33 @@ class KServeHandler:
             self.metrics.observe_request(code, seconds, queue_s)
             if self.adaptive is not None and code == 200:
                 self.adaptive.observe(seconds)
+
+    async def _read_and_infer(self, name: str, version: str | None, headers: dict[str, str],
+                              stream: Callable[[], AsyncIterator[bytes]]) -> Reply:
+        t0 = time.perf_counter()
+        try:
+            body = await self.read_body_within(headers, stream)
+        except Exception as e:  # noqa: BLE001  (413, 408, bad encoding: counted like any failed request)
+            reply = error_reply(e, self.retry_after_s)
+            self.metrics.observe_request(reply.status, time.perf_counter() - t0, None)
+            return reply
+        return await self.infer(name, version, headers, body, t0)
+
+    async def read_body_within(self, headers: dict[str, str], stream: Callable[[], AsyncIterator[bytes]]) -> bytes:
+        """:meth:`read_body` within ``read_timeout_s`` and the drain deadline: a stalled client holds nothing long."""
+        expired = self.drain.expired if self.drain is not None else None
+        if self.read_timeout_s is None and expired is None:
+            return await self.read_body(headers, stream)
+        reader = asyncio.ensure_future(self.read_body(headers, stream))
+        done, _ = await asyncio.wait({reader} if expired is None else {reader, expired}, timeout=self.read_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            return reader.result()
+        reader.cancel()
+        if expired is not None and expired.done():
+            raise ShuttingDown("the server is shutting down and the request body had not arrived; retry")
+        raise BodyTimeout(f"the request body did not arrive within {self.read_timeout_s:g} s (--read-timeout); "
+                          "send it at once")
 
     async def read_body(self, headers: dict[str, str], stream: Callable[[], AsyncIterator[bytes]]) -> bytes:
         """The request body, refused with 413 past the limit.

@@ -19,8 +19,8 @@ from deploykit.serve.batcher import BatchStats
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-OUTCOMES = {200: "success", 400: "bad_request", 404: "not_found", 413: "too_large", 415: "bad_request",
-            500: "error", 503: "overloaded"}
+OUTCOMES = {200: "success", 400: "bad_request", 404: "not_found", 408: "timeout", 413: "too_large",
+            415: "bad_request", 499: "client_closed", 500: "error", 503: "overloaded"}
 
 
 class ServeMetrics:

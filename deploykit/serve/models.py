@@ -40,6 +40,9 @@ class ServedModel:
         self.manifest, self.engine = manifest, engine
         self.name, self.version = manifest.name, "1"
         self.num_stages = 0
+        from deploykit.data.preprocess import MAX_IMAGE_PIXELS
+
+        self.max_image_pixels: int | None = MAX_IMAGE_PIXELS  # per image file, from its header (--max-image-pixels)
 
     def metadata(self) -> dict[str, Any]:
         """Body of ``GET /v2/models/{name}``."""
@@ -93,7 +96,8 @@ class CascadeModel(ServedModel):
         from deploykit.data.preprocess import decode_image
 
         pre = manifest.preprocessing
-        self._decode = lambda data: decode_image(data, pre)  # pixel budget checked from the header first
+        # the pixel budget is checked from the header, before anything is decoded
+        self._decode = lambda data: decode_image(data, pre, max_pixels=self.max_image_pixels)
 
     @classmethod
     def open(cls, engine_dir: str | os.PathLike, backend: str, threads: int | None) -> Any:
@@ -165,8 +169,12 @@ class MuEModel(ServedModel):
         return self._vl.model_metadata(self.info)
 
     def parse(self, body: bytes, headers: dict[str, str]) -> Any:
-        return self._vl.parse_vl_request(body, headers, self.info, self.engine.load_images,
-                                         self.engine.encode_texts)
+        return self._vl.parse_vl_request(body, headers, self.info, self._load_images, self.engine.encode_texts)
+
+    def _load_images(self, files: list[bytes]) -> list[np.ndarray]:
+        from deploykit.data.preprocess import load_image
+
+        return self.engine.load_images([load_image(f, max_pixels=self.max_image_pixels) for f in files])
 
     def batch_key(self, req: Any) -> Hashable:
         return req.task

@@ -8,6 +8,7 @@ keeps its previous checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -68,6 +69,51 @@ def load_train_state(run_dir: Path) -> dict[str, Any]:
         ) from e
 
 
+_STATE_KEYS = ("step", "optimizer", "scheduler", "rng")
+
+
+def load_weights(run_dir: Path) -> dict[str, Any]:
+    """``model.safetensors`` as a state dict, with a one-line error when it is missing, truncated or corrupt."""
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {WEIGHTS_NAME}; the run did not finish its first checkpoint — "
+                              "start it again without --resume")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ...: a truncated file raises several kinds
+        raise CheckpointError(f"can't read {path} ({type(e).__name__}: {e}); the file is corrupt or truncated — "
+                              "start the run again without --resume") from e
+
+
+def restore(run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, scaler: Any) -> tuple[dict, int]:
+    """Load weights and resume state into the training objects; returns ``(state, step)``.
+
+    Raises:
+        CheckpointError: a file is missing, truncated, lacks keys or doesn't fit the model / optimizer.
+    """
+    state = load_train_state(run_dir)
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
+    if missing:
+        raise CheckpointError(f"{Path(run_dir) / STATE_NAME} lacks {missing}; it was not written by `deploykit "
+                              "train` — start the run again without --resume")
+    weights = load_weights(run_dir)
+    try:
+        model.load_state_dict(weights, strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+    except DeployKitError:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{run_dir} can't be resumed ({type(e).__name__}: {str(e)[:300]}); the checkpoint "
+                              "doesn't fit this recipe — start the run again without --resume") from e
+    return state, step
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors / plain Python values (so ``weights_only`` loading accepts them)."""
     np_state = np.random.get_state()
@@ -83,6 +129,14 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
+    try:
+        _set_rng_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"the RNG state in {STATE_NAME} is malformed ({type(e).__name__}: {e}); start the run "
+                              "again without --resume") from e
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
@@ -102,7 +156,17 @@ def trim_metrics(run_dir: Path, max_step: int) -> None:
     """Drop metric rows written after the checkpoint we resume from (a crash between the two writes)."""
     path = run_dir / METRICS_NAME
     if path.is_file():
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= max_step]
+        rows, bad = [], 0
+        for ln in path.read_text(errors="replace").splitlines():
+            try:
+                keep = ln.strip() and int(json.loads(ln)["step"]) <= max_step
+            except (ValueError, KeyError, TypeError):  # a torn or corrupt line: the log loses it, the run goes on
+                bad += 1
+                continue
+            if keep:
+                rows.append(ln)
+        if bad:
+            logging.getLogger("deploykit.train").warning("%s: dropped %d corrupt line(s)", path, bad)
         path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -120,6 +184,10 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the run is corrupt, train it again") from e
     if not isinstance(config, dict) or not {"method", "backbone", "labels"} <= set(config):
         raise CheckpointError(f"{path} lacks the method / backbone / labels entries a run config has")
+    labels = config["labels"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(v, str | int) for v in labels):
+        raise CheckpointError(f"{path}: labels must be a non-empty list of class names, found {str(labels)[:80]}; "
+                              "the run is corrupt, train it again")
     return config
 
 
@@ -129,8 +197,6 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     The backbone is built with ``pretrained=False`` (all weights come from ``model.safetensors``) and the method
     with the settings recorded in the config; the state dict must match exactly.
     """
-    from safetensors.torch import load_file
-
     from deploykit.train.build import build_model
     from deploykit.train.recipe import recipe_from_dict
 
@@ -141,12 +207,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"{Path(run_dir) / CONFIG_NAME} does not hold a valid recipe: {e}") from e
     model = build_model(recipe, num_classes=len(config["labels"]), for_loading=True)
     path = Path(run_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} has no {WEIGHTS_NAME}; the run did not finish its first checkpoint")
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # SafetensorError, OSError, ...
-        raise CheckpointError(f"can't read {path} ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+    state = load_weights(Path(run_dir))
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,11 @@ class TrainSettings:
 
     def validate(self) -> None:
         """Range checks the types alone can't express."""
+        floats = {"lr": self.lr, "weight_decay": self.weight_decay, "warmup_epochs": self.warmup_epochs,
+                  "label_smoothing": self.label_smoothing}
+        for key, v in floats.items():
+            if not math.isfinite(v):
+                raise ConfigError(f"train.{key} must be a finite number, got {v} (a non-finite value trains to NaN)")
         checks = [
             (self.epochs >= 1, "train.epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "train.max_steps must be >= 1 or null"),
@@ -110,7 +116,10 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer too large for a float
+                break
         if t is float and isinstance(value, str):  # YAML 1.1 reads ``1e-3`` as a string
             try:
                 return float(value)
@@ -120,6 +129,27 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
             return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
     raise ConfigError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+# timm ViT constructor arguments that must be positive integers (or, for img_size, a pair of them)
+_POSITIVE_INT_KWARGS = ("depth", "embed_dim", "num_heads", "patch_size", "in_chans", "img_size", "num_classes")
+
+
+def check_backbone_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse sizes timm would fail on deep inside model building (``depth: -1``, ``embed_dim: 0``...)."""
+    for key in _POSITIVE_INT_KWARGS:
+        if key not in kwargs:
+            continue
+        v = kwargs[key]
+        vals = v if key == "img_size" and isinstance(v, list | tuple) and len(v) == 2 else [v]
+        if key == "num_classes" and v == 0:
+            continue  # timm: 0 = no head
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in vals):
+            raise ConfigError(f"backbone.kwargs.{key} must be a positive integer, got {v!r}")
+    ratio = kwargs.get("mlp_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int | float) or not
+                              math.isfinite(ratio) or ratio <= 0):
+        raise ConfigError(f"backbone.kwargs.mlp_ratio must be a finite number > 0, got {ratio!r}")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -151,6 +181,7 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
     backbone = _build(BackboneSpec, d.get("backbone") or {}, "backbone")
     if not backbone.name:
         raise ConfigError("recipe has no backbone.name; set it in the recipe or pass --backbone (a timm ViT name)")
+    check_backbone_kwargs(backbone.kwargs)
     data = _build(DataSpec, d.get("data") or {}, "data")
     train = _build(TrainSettings, d.get("train") or {}, "train")
     if train.epochs >= 1 and train.warmup_epochs > train.epochs:  # short runs (--epochs 1): warm up half the run
@@ -162,7 +193,7 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
     )
     try:
         make_method_config(method["name"], **recipe.method_settings())
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"bad setting for method {method['name']!r}: {e}") from e
     return recipe
 

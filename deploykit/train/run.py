@@ -118,7 +118,6 @@ def _run_config(recipe: Recipe, model: torch.nn.Module, labels: list[str]) -> di
 
 
 def _fit(recipe: Recipe, run_dir: Path, resuming: bool, ctx: D.DistContext) -> None:
-    from safetensors.torch import load_file
     from tqdm import tqdm
 
     from deploykit.data import data_info
@@ -136,13 +135,7 @@ def _fit(recipe: Recipe, run_dir: Path, resuming: bool, ctx: D.DistContext) -> N
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp == torch.float16)
     step, state = 0, None
     if resuming:
-        state = ckpt.load_train_state(run_dir)
-        model.load_state_dict(load_file(str(run_dir / ckpt.WEIGHTS_NAME)), strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
+        state, step = ckpt.restore(run_dir, model, optimizer, scheduler, scaler)
         if ctx.is_main:
             ckpt.trim_metrics(run_dir, step)
     elif ctx.is_main:

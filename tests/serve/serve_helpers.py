@@ -99,3 +99,47 @@ def png_bytes(seed: int = 0, size: int = 24) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+class ProcessServer:
+    """``deploykit serve-local`` in a child process (real signals, real RSS), on a free 127.0.0.1 port."""
+
+    def __init__(self, engine_dir: Any, *args: str) -> None:
+        import os
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "deploykit", "serve-local", str(engine_dir), "--port", str(self.port),
+                    "--threads", "1", *args]
+        self.env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc: Any = None
+
+    def __enter__(self) -> ProcessServer:
+        import subprocess
+
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 90
+        while True:
+            try:
+                if http(self.url + "/v2/health/ready", timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"serve-local did not start: {self.proc.stdout.read().decode()[-2000:]}")
+            time.sleep(0.1)
+
+    def rss_kb(self, field: str = "VmRSS") -> int:
+        """Resident set (``VmRSS``) or its peak so far (``VmHWM``) of the server process, in KiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(field)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -190,3 +190,33 @@ def test_fuzzed_bodies_over_http_get_a_json_answer_never_a_5xx(server, body):
     assert headers["content-type"] == "application/json"
     if code != 200:
         assert error(resp)
+
+
+# ---- memory and accounting under odd clients --------------------------------------------------------------
+def test_unique_per_request_thresholds_leave_nothing_behind(server):
+    url = server.url + "/v2/models/tiny/infer"
+    x = rows(1)
+    for i in range(200):
+        assert http(url, fp32_request(x, exit_threshold=0.5 + i * 1e-6))[0] == 200
+    batcher = server.server.config.app.state.batcher
+    assert batcher.depth == 0 and batcher._rows == {}  # one key per distinct thresholds used to stay forever
+
+
+def test_client_that_disconnects_mid_body_is_499_not_500(server):
+    import socket
+    import time
+
+    def count(code: str) -> float:
+        text = http(server.url + "/metrics")[2].decode()
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                   if ln.startswith("deploykit_requests_total{") and f'code="{code}"' in ln)
+
+    before_500, before_499 = count("500"), count("499")
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 900\r\n\r\n{\"inputs\"")
+        s.close()
+    deadline = time.time() + 10
+    while count("499") < before_499 + 3 and time.time() < deadline:
+        time.sleep(0.05)
+    assert count("499") == before_499 + 3 and count("500") == before_500
