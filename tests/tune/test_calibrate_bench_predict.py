@@ -84,13 +84,14 @@ def test_predict_files(trained_engine, tmp_path):
     assert [int(r["class_index"]) for r in res] == direct.labels_idx.tolist()
 
 
-def test_predict_undecodable_image_fails_before_work(trained_engine, tmp_path):
+def test_predict_reports_a_bad_image_and_goes_on(trained_engine, tmp_path):
     from deploykit.data import write_samples
 
     good = write_samples("digits", "test", 1, tmp_path)[0]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    with pytest.raises(DataError, match="can't decode"):
-        predict(trained_engine, [good, bad])
-    with pytest.raises(DataError, match="does not exist"):
-        predict(trained_engine, [tmp_path / "nope.png"])
+    rows = predict(trained_engine, [bad, good, tmp_path / "nope.png"])
+    assert [r["image"] for r in rows] == [str(bad), str(good), str(tmp_path / "nope.png")]
+    assert "can't decode" in rows[0]["error"] and "label" not in rows[0]
+    assert rows[1]["label"] in {str(i) for i in range(10)} and "error" not in rows[1]
+    assert "does not exist" in rows[2]["error"]
