@@ -25,13 +25,14 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(cls: type[Family]) -> type[Family]:
-    """Class decorator: register one instance of a family under ``cls.name``; methods and tasks must be unique."""
+    """Class decorator: register one instance of a family under ``cls.name``; names, methods and tasks are unique."""
     fam = cls()
     for other in _FAMILIES.values():
-        if other.name == fam.name and type(other) is not cls:
-            raise ValueError(f"family {fam.name!r} is registered twice")
-        clash = (set(other.methods) & set(fam.methods)) | (set(other.tasks) & set(fam.tasks))
-        if clash and other.name != fam.name:
+        if type(other) is cls:
+            continue
+        clash = ({other.name} & {fam.name}) | (set(other.methods) & set(fam.methods)) \
+            | (set(other.tasks) & set(fam.tasks))
+        if clash:
             raise ValueError(f"families {other.name!r} and {fam.name!r} both claim {sorted(clash)}")
     _FAMILIES[fam.name] = fam
     return cls

@@ -206,7 +206,8 @@ async def start_grpc(handler: KServeHandler, host: str, port: int, draining: Any
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", -1)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(_servicer_class()(handler, draining), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literals in brackets
+    if server.add_insecure_port(address) == 0:
         raise ConfigError(f"can't bind gRPC to {host}:{port}; pick another --grpc-port (0 turns gRPC off)")
     await server.start()
     return server

@@ -215,3 +215,43 @@ def test_mue_over_grpc_answers_as_predict(mue_engine_dir, mue_inputs):
             c.infer("tiny-mue", [img, txt])
         assert _code(e.value) == "StatusCode.INVALID_ARGUMENT" and "parameters.task" in e.value.message()
         c.close()
+
+
+def test_malformed_grpc_requests_are_invalid_argument(both):
+    with grpc.insecure_channel(both.target) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+
+        def call(req: Any) -> tuple[str, str]:
+            try:
+                stub.ModelInfer(req)
+                return "OK", ""
+            except grpc.RpcError as e:
+                return e.code().name, e.details()
+
+        req = pb.ModelInferRequest(model_name="tiny")  # two raw contents for one input
+        req.inputs.add(name="image", datatype="FP32", shape=[1, 3, 16, 16])
+        req.raw_input_contents.extend([rows(1).tobytes(), b"x"])
+        assert call(req) == ("INVALID_ARGUMENT", "2 raw_input_contents for 1 inputs; send one per input, in order")
+        req = pb.ModelInferRequest(model_name="tiny")  # raw bytes too short for the shape
+        req.inputs.add(name="image", datatype="FP32", shape=[1, 3, 16, 16])
+        req.raw_input_contents.append(b"\0" * 100)
+        code, msg = call(req)
+        assert code == "INVALID_ARGUMENT" and "100 bytes" in msg
+        req = pb.ModelInferRequest(model_name="tiny")  # typed BYTES contents: an undecodable image
+        t = req.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+        t.contents.bytes_contents.append(b"not an image")
+        code, msg = call(req)
+        assert code == "INVALID_ARGUMENT" and "row 0" in msg
+        req = pb.ModelInferRequest(model_name="tiny")  # exit_thresholds must be JSON text
+        req.inputs.add(name="image", datatype="FP32", shape=[1, 3, 16, 16])
+        req.raw_input_contents.append(rows(1).tobytes())
+        req.parameters["exit_thresholds"].string_param = "[0.5,"
+        code, msg = call(req)
+        assert code == "INVALID_ARGUMENT" and "JSON list" in msg
+        req = pb.ModelInferRequest(model_name="tiny")  # no inputs at all
+        code, msg = call(req)
+        assert code == "INVALID_ARGUMENT" and "exactly one input" in msg
+        req = pb.ModelInferRequest(model_name="tiny")  # a datatype without typed contents here
+        req.inputs.add(name="image", datatype="FP16", shape=[1, 3, 16, 16])
+        code, msg = call(req)
+        assert code == "INVALID_ARGUMENT" and "raw_input_contents" in msg
