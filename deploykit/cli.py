@@ -145,18 +145,18 @@ def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: 
         _echo_json({t: {"thresholds": v["thresholds"], "test": v["test"],
                         **({"guarantee": v["guarantee"]} if "guarantee" in v else {})} for t, v in r["tasks"].items()})
         return
+    if "guarantee" in r:
+        from deploykit.tune.guarantee import describe
+
+        text, warning = describe(r)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(text)
+        return
     t = r["test"]
-    g = r.get("guarantee")
-    if g is not None and g.get("message"):
-        click.echo(f"warning: {g['message']}", err=True)
-    acc = (f"full {100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}%"
-           if "full_accuracy" in t else f"agreement with full depth {100 * t['agreement_with_full_depth']:.2f}%")
-    click.echo(f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: {acc} at "
+    click.echo(f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: full "
+               f"{100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}% at "
                f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits {[round(f, 3) for f in t['exit_fractions']]}")
-    if g is not None:
-        click.echo(f"guarantee: {g['statement']}" + (f"; val {g['loss']} loss {100 * g['empirical_risk']:.2f}%, "
-                                                     f"upper bound {100 * g['upper_bound']:.2f}%"
-                                                     if g["certified"] else " -- not met, exits off"))
 
 
 @main.command()

@@ -62,7 +62,8 @@ def calibrate(
         from deploykit.tune.mue_calibrate import calibrate_mue
 
         return calibrate_mue(engine_dir, data=None if data == "digits" else data, max_drop=max_drop,
-                             layer_budget=flops_budget, json_out=json_out, plot_out=plot_out, write=write)
+                             layer_budget=flops_budget, json_out=json_out, plot_out=plot_out, write=write,
+                             confidence=confidence, loss=loss, bound=bound)
     if confidence is not None:  # distribution-free risk control: the drop holds on new data with prob. 1 - δ
         from deploykit.tune.guarantee import calibrate_guaranteed
 
