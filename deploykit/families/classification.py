@@ -61,10 +61,18 @@ class ClassificationFamily(Family):
         r = calibrate(manifest, data=data or "digits", max_drop=max_drop, flops_budget=flops_budget,
                       json_out=json_out, backend=backend, confidence=confidence, loss=loss or "consistency",
                       bound=bound or "binomial")
-        g = r.get("guarantee")
-        if g is not None and g.get("message"):
-            r.setdefault("warnings", []).append(g["message"])
-        return Outcome(r, _calibration_line(r))
+        if "guarantee" in r:
+            from deploykit.tune.guarantee import describe
+
+            text, warning = describe(r)
+            if warning:
+                r.setdefault("warnings", []).append(warning)
+            return Outcome(r, text)
+        t = r["test"]
+        return Outcome(r, f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: full "
+                          f"{100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}% at "
+                          f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits "
+                          f"{[round(f, 3) for f in t['exit_fractions']]}")
 
     def bench(self, manifest: Manifest, **options: Any) -> Outcome:
 
@@ -126,17 +134,3 @@ def _eager_model(checkpoint: str | os.PathLike, threads: int | None) -> Any:
         torch.set_num_threads(threads)
     model, _ = load_run(checkpoint)
     return model.eval()
-
-
-def _calibration_line(r: dict[str, Any]) -> str:
-    """Calibrate's summary: thresholds, test accuracy (or agreement, unlabelled) and FLOPs, and any guarantee."""
-    t, g = r["test"], r.get("guarantee")
-    acc = (f"full {100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}%"
-           if "full_accuracy" in t else f"agreement with full depth {100 * t['agreement_with_full_depth']:.2f}%")
-    line = (f"thresholds {['-' if v is None else round(v, 4) for v in r['thresholds']]}; test: {acc} at "
-            f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits {[round(f, 3) for f in t['exit_fractions']]}")
-    if g is not None:
-        line += (f"\nguarantee: {g['statement']}" + (f"; val {g['loss']} loss {100 * g['empirical_risk']:.2f}%, "
-                                                     f"upper bound {100 * g['upper_bound']:.2f}%"
-                                                     if g["certified"] else " -- not met, exits off"))
-    return line

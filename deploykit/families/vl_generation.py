@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deploykit.errors import ConfigError
 from deploykit.families._registry import register_family
 from deploykit.families.base import Family, Outcome, refuse
 from deploykit.kinds import FAMILIES
@@ -84,12 +85,15 @@ class VLGenerationFamily(Family):
                   bound: str | None = None) -> Outcome:
         from deploykit.tune.mue_calibrate import calibrate_mue
 
-        if confidence is not None or loss or bound:
-            raise refuse("--confidence / --loss / --bound", self.name,
-                         "risk-controlled thresholds are not yet written for MuE's per-stream and per-token exits")
+        if confidence is None and (loss or bound):
+            raise ConfigError(f"--{'loss' if loss else 'bound'} applies only with --confidence (risk control)")
         self.check_backend(backend)
-        r = calibrate_mue(manifest, data=data, max_drop=max_drop, layer_budget=flops_budget, json_out=json_out)
-        return Outcome(r, json.dumps({t: {"thresholds": v["thresholds"], "test": v["test"]}
+        r = calibrate_mue(manifest, data=data, max_drop=max_drop, layer_budget=flops_budget, json_out=json_out,
+                          confidence=confidence, loss=loss or "consistency", bound=bound or "binomial")
+        r["warnings"] = [f"{t}: {v['guarantee']['message']}" for t, v in r["tasks"].items()
+                         if (v.get("guarantee") or {}).get("message")]
+        return Outcome(r, json.dumps({t: {"thresholds": v["thresholds"], "test": v["test"],
+                                          **({"guarantee": v["guarantee"]} if "guarantee" in v else {})}
                                       for t, v in r["tasks"].items()}, indent=2))
 
     def bench(self, manifest: Manifest, *, batch_sizes: list[int] | tuple[int, ...] = (1, 32),

@@ -169,6 +169,19 @@ def calibrate_guaranteed(engine_dir: str | os.PathLike | Any, data: str, max_dro
     return report
 
 
+def describe(report: dict[str, Any]) -> tuple[str, str | None]:
+    """What the CLI prints (stdout) and, when the guarantee could not be met, the warning for stderr."""
+    t, g = report["test"], report["guarantee"]
+    acc = (f"full {100 * t['full_accuracy']:.2f}%, cascade {100 * t['cascade_accuracy']:.2f}%"
+           if "full_accuracy" in t else f"agreement with full depth {100 * t['agreement_with_full_depth']:.2f}%")
+    text = (f"thresholds {['-' if v is None else round(v, 4) for v in report['thresholds']]}; test: {acc} at "
+            f"{100 * t['flops_ratio']:.1f}% of full FLOPs, exits {[round(f, 3) for f in t['exit_fractions']]}\n"
+            f"guarantee: {g['statement']}")
+    text += (f"; val {g['loss']} loss {100 * g['empirical_risk']:.2f}%, upper bound {100 * g['upper_bound']:.2f}%"
+             if g["certified"] else " -- not met, exits off")
+    return text, g.get("message")
+
+
 def _curve(path: np.ndarray, stage_v: np.ndarray, flops_v: np.ndarray, ltt: risk.LTTResult, pv: np.ndarray,
            yv: np.ndarray | None, st: np.ndarray, pt: np.ndarray, yt: np.ndarray | None, cum: np.ndarray,
            full: float) -> list[dict[str, Any]]:

@@ -259,13 +259,69 @@ def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
+def _certify_task(eng: Any, task: str, vrows: list[Any], grid: dict[str, list[Any]], policy: str, bs: int,
+                  max_drop: float, confidence: float, loss: str, bound: str, keep: int
+                  ) -> tuple[dict[str, Any] | None, dict[str, Any], list[dict[str, Any]]]:
+    """Learn-then-Test for one task: the path is learnt on the first half of val, certified on the second.
+
+    Path: the Pareto front (quality vs layers) of the sweep on the first half, most layers (most conservative)
+    first, full depth left out (it is the fallback). Fixed-sequence testing on the second half with the real
+    runtime (``generate_ids``), per-sample loss: the answer / caption differs from full depth's (``consistency``),
+    or (entailment only) full depth is right and the exit is wrong (``accuracy``). Returns the chosen path point
+    (None: nothing certified, use full depth), the guarantee record and the learning half's sweep.
+    """
+    from deploykit.tune import risk
+
+    if loss == "accuracy" and task != "entailment":
+        raise ConfigError(f"--loss accuracy needs a per-sample right/wrong; {task} has only corpus BLEU: use --loss "
+                          "consistency (the caption differs from the full-depth caption)")
+    eps, delta = max_drop / 100.0, 1.0 - confidence
+    half = len(vrows) // 2
+    learn, cert = vrows[:half], vrows[half:]
+    cache = _Cache(eng, eng.load_images([r.image for r in learn]), eng.encode_texts([r.text for r in learn]), bs)
+    points = (_sweep_entailment(eng, cache, learn, grid) if task == "entailment"
+              else _sweep_caption(eng, cache, learn, grid, None, keep, policy))
+    path = [p for p in reversed(pareto(points)) if p["layer_fraction"] < 1.0]
+    imgs, ids = eng.load_images([r.image for r in cert]), eng.encode_texts([r.text for r in cert])
+
+    def texts(thr: Thresholds) -> np.ndarray:
+        return np.asarray([eng.vocab.decode(r.tokens) for r in eng.generate_ids(imgs, ids, task, thr, policy, bs)])
+
+    full = texts(Thresholds.full_depth())
+    target = np.asarray([r.target for r in cert])
+    pvalues, risks, last = [], [], -1
+    for j, p in enumerate(path):  # fixed sequence: stop at the first candidate not rejected
+        out = texts(Thresholds(**p["thresholds"]))
+        losses = (risk.consistency_loss(out, full) if loss == "consistency"
+                  else risk.accuracy_loss(out == target, full == target))
+        pvalues.append(risk.pvalue(losses, eps, bound))
+        risks.append(float(losses.mean()))
+        if pvalues[-1] > delta:
+            break
+        last = j
+    g: dict[str, Any] = {
+        "statement": (f"with probability >= {confidence:g} over the calibration sample, the {task} {loss} loss on "
+                      f"new data from the same distribution is <= {max_drop:g} points"),
+        "certified": last >= 0, "loss": loss, "bound": bound, "delta": delta, "epsilon": eps,
+        "path": f"Pareto front of the sweep on {len(learn)} val rows, most layers first ({len(path)} candidates)",
+        "calibration_samples": len(cert), "candidates_certified": last + 1,
+        "empirical_risk": risks[last] if last >= 0 else 0.0, "p_value": pvalues[last] if last >= 0 else None,
+        "min_samples_for_epsilon": risk.min_samples(eps, delta), "path_pvalues": pvalues}
+    if last < 0:
+        g["message"] = (f"{task}: no threshold meets the guarantee (ε = {max_drop:g} points, δ = {delta:g}, {loss} "
+                        f"loss, {len(cert)} calibration rows; at least {g['min_samples_for_epsilon']} are needed "
+                        "even with zero losses): falling back to full depth (all exits off)")
+    return (path[last] if last >= 0 else None), g, points
+
+
 def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = None,
                   max_drop: float | dict[str, float] | None = None, layer_budget: float | None = None,
                   json_out: str | os.PathLike | None = None, plot_out: str | os.PathLike | None = None,
                   write: bool = True, tasks: list[str] | None = None, n_val: int | None = None,
                   n_test: int | None = None, threads: int | None = 1, batch_size: int = 64,
                   grid: dict[str, dict[str, list[Any]]] | None = None, caption_keep: int = 3,
-                  kv_policy: str | None = None) -> dict[str, Any]:
+                  kv_policy: str | None = None, confidence: float | None = None, loss: str = "consistency",
+                  bound: str = "binomial") -> dict[str, Any]:
     """Choose per-task thresholds on val, write them into the manifest, and report val and test figures.
 
     Args:
@@ -287,6 +343,10 @@ def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = N
         caption_keep: captioning's decoder grid runs on this many of the cheapest encoder patterns that meet the
             target.
         kv_policy: skipped decoder layers' KV (default: the engine's).
+        confidence: 1 - δ: risk-controlled thresholds (``_certify_task``): with this probability the loss on new
+            data is <= ``max_drop`` points; the path is learnt on half of val and certified on the other half.
+        loss: with ``confidence``: ``consistency`` (differs from full depth) or ``accuracy`` (entailment only).
+        bound: with ``confidence``: ``binomial`` or ``hb``.
     """
     from deploykit.runtime.generation import MuEEngine
 
@@ -294,6 +354,11 @@ def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = N
     engine_dir = manifest.root
     if layer_budget is not None and max_drop is not None:
         raise ConfigError("give --max-drop or --flops-budget (a layer budget for MuE), not both")
+    if confidence is not None:
+        if layer_budget is not None:
+            raise ConfigError("--flops-budget with --confidence is not implemented for MuE engines; give --max-drop")
+        if not 0 < confidence < 1:
+            raise ConfigError(f"--confidence is 1 - δ, strictly between 0 and 1 (e.g. 0.9); got {confidence}")
     drops = dict(DEFAULT_MAX_DROP)
     if isinstance(max_drop, dict):
         drops.update(max_drop)
@@ -318,17 +383,21 @@ def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = N
             if not vrows or not trows:
                 raise DataError(f"no {task} rows in the val or test split of {data or 'synthetic-vl'}")
             vimgs, vids = eng.load_images([r.image for r in vrows]), eng.encode_texts([r.text for r in vrows])
-            cache = _Cache(eng, vimgs, vids, batch_size)
             full_v = _point(task, Thresholds.full_depth(),
                             eng.generate_ids(vimgs, vids, task, Thresholds.full_depth(), policy, batch_size),
                             vrows, eng)
             floor = None if layer_budget is not None else full_v["quality"] - drops[task] / 100 - 1e-12
             g = {k: list(v) for k, v in grid[task].items()}
-            if task == "entailment":
-                points = _sweep_entailment(eng, cache, vrows, g)
+            guarantee = None
+            if confidence is not None:  # the sweep runs on the learning half of val only
+                chosen, guarantee, points = _certify_task(eng, task, vrows, g, policy, batch_size, drops[task],
+                                                          confidence, loss, bound, caption_keep)
+                best = chosen or full_v
             else:
-                points = _sweep_caption(eng, cache, vrows, g, floor, caption_keep, policy)
-            best = choose_point(points, floor, layer_budget)
+                cache = _Cache(eng, vimgs, vids, batch_size)
+                points = (_sweep_entailment(eng, cache, vrows, g) if task == "entailment"
+                          else _sweep_caption(eng, cache, vrows, g, floor, caption_keep, policy))
+                best = choose_point(points, floor, layer_budget)
             thr = Thresholds(**best["thresholds"])
             timgs, tids = eng.load_images([r.image for r in trows]), eng.encode_texts([r.text for r in trows])
             full_t = _point(task, Thresholds.full_depth(),
@@ -346,6 +415,10 @@ def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = N
                          "layer_reduction": 1 - chosen_t["layer_fraction"]},
                 "points_searched": len(points), "pareto_val": pareto(points), "sweep_val": points,
                 "seconds": round(time.perf_counter() - t0, 1)}
+            if guarantee is not None:
+                report["tasks"][task]["guarantee"] = guarantee
+                report["tasks"][task]["objective"].update(confidence=confidence, delta=1 - confidence, loss=loss,
+                                                          bound=bound)
     finally:
         eng.close()
     if json_out is not None:
@@ -360,7 +433,8 @@ def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = N
     if write:
         manifest.extra["mue"]["thresholds"].update({t: r["thresholds"] for t, r in report["tasks"].items()})
         manifest.calibration = {"data": report["data"], "kv_policy": policy, "calibrated_at": time.time(),
-                                "tasks": {t: {k: r[k] for k in ("metric", "objective", "thresholds", "val", "test")}
+                                "tasks": {t: {k: r[k] for k in ("metric", "objective", "thresholds", "val", "test",
+                                                                "guarantee") if k in r}
                                           for t, r in report["tasks"].items()}}
         manifest.save()
     return report
