@@ -272,14 +272,12 @@ def quantize(
         The new directory's manifest: stage precision ``int8-dynamic`` / ``int8-static``, the settings in
         ``extra["quantization"]``, the FP32 calibration kept but marked stale.
     """
-    src_dir, out = Path(engine_dir), Path(out_dir)
-    m = Manifest.load(src_dir)
+    m = copy.deepcopy(as_manifest(engine_dir))
+    src_dir, out = Path(m.root), Path(out_dir)
     calib_data = _calibration_source(m, mode, calib_data, src_dir)
     s = QuantSettings(mode, calib_data if isinstance(calib_data, str) else "array", int(calib_samples),
                       calibrate_method, per_channel, batch_size)
     s.validate()
-    m = copy.deepcopy(as_manifest(engine_dir))
-    src_dir, out = Path(m.root), Path(out_dir)
     entries = graph_entries(m)
     if is_quantized(m):
         raise ConfigError(f"{src_dir} is already quantised; quantise the FP32 engine directory it came from (see "
