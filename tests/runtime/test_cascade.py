@@ -81,15 +81,35 @@ def test_bad_thresholds(trained_engine):
             c.run(x, thresholds=[float("nan")])
 
 
+def _rehash(engine, file: str) -> None:
+    """Record the replaced file's hash, so the checks after the sha256 verification are the ones exercised."""
+    import json
+
+    from deploykit.manifest import file_sha256
+
+    p = engine / "deploykit.json"
+    d = json.loads(p.read_text())
+    for s in d["stages"]:
+        if s["file"] == file:
+            s["sha256"] = file_sha256(engine / file)
+    p.write_text(json.dumps(d))
+
+
 def test_graph_not_matching_manifest(engine_copy):
     # stage 1's graph in stage 2's place: names don't match what the manifest promises
     (engine_copy / "stage2.onnx").write_bytes((engine_copy / "stage0.onnx").read_bytes())
+    with pytest.raises(ManifestError, match="sha256"):
+        Cascade.from_dir(engine_copy)
+    _rehash(engine_copy, "stage2.onnx")
     with pytest.raises(ManifestError, match="don't belong together"):
         Cascade.from_dir(engine_copy)
 
 
 def test_corrupt_graph(engine_copy):
     (engine_copy / "stage1.onnx").write_bytes(b"this is not onnx")
+    with pytest.raises(ManifestError, match="stage1.onnx does not match the sha256"):
+        Cascade.from_dir(engine_copy)
+    _rehash(engine_copy, "stage1.onnx")
     with pytest.raises(BackendError, match="could not load"):
         Cascade.from_dir(engine_copy)
 
