@@ -146,6 +146,9 @@ def test_non_finite_outputs_are_refused_never_emitted_as_nan(engine_copy, tmp_pa
         c.run(x)
     code, out = _cli("predict", str(engine_copy), str(_image(tmp_path)))
     _one_line_error(code, out, "NaN or infinite", "re-export")
+    before = (engine_copy / "deploykit.json").read_text()
+    _one_line_error(*_cli("calibrate", str(engine_copy), "--data", "digits", "--max-drop", "1"), "NaN or infinite")
+    assert (engine_copy / "deploykit.json").read_text() == before  # no thresholds chosen on NaN scores
 
 
 # ---- semantics, once at load ----------------------------------------------------------------------------------

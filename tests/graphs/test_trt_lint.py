@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deploykit.cli import main
 from deploykit.errors import ExportError, ManifestError
 from deploykit.graphs.trt_lint import check_trt, lint_engine_dir, lint_graph, opset_range
+from deploykit.manifest import file_sha256
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=18, domains=()):
@@ -134,6 +135,9 @@ def test_engine_dir_with_a_bad_stage_fails_lint_and_cli(trained_engine: Path, tm
     node.op_type, node.domain = "FancySoftmax", "com.example"
     model.opset_import.append(helper.make_opsetid("com.example", 1))
     onnx.save(model, str(eng / "stage1.onnx"))
+    m = json.loads((eng / "deploykit.json").read_text())
+    m["stages"][1]["sha256"] = file_sha256(eng / "stage1.onnx")  # an edited graph, re-recorded: lint must catch it
+    (eng / "deploykit.json").write_text(json.dumps(m))
     with pytest.raises(ExportError, match=node.name):
         check_trt(eng)
     res = CliRunner().invoke(main, ["lint", str(eng)])

@@ -97,6 +97,8 @@ def _rehash(engine_dir, file):
 def test_graph_not_matching_manifest(engine_copy):
     # stage 1's graph in stage 2's place: names don't match what the manifest promises
     (engine_copy / "stage2.onnx").write_bytes((engine_copy / "stage0.onnx").read_bytes())
+    with pytest.raises(ManifestError, match="sha256"):
+        Cascade.from_dir(engine_copy)
     _rehash(engine_copy, "stage2.onnx")
     with pytest.raises(ManifestError, match="don't belong together"):
         Cascade.from_dir(engine_copy)
@@ -104,6 +106,8 @@ def test_graph_not_matching_manifest(engine_copy):
 
 def test_corrupt_graph(engine_copy):
     (engine_copy / "stage1.onnx").write_bytes(b"this is not onnx")
+    with pytest.raises(ManifestError, match="stage1.onnx does not match the sha256"):
+        Cascade.from_dir(engine_copy)
     _rehash(engine_copy, "stage1.onnx")
     with pytest.raises(BackendError, match="could not load"):
         Cascade.from_dir(engine_copy)

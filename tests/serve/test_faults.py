@@ -175,3 +175,33 @@ def test_split_requests_with_two_instances_get_every_row_back_in_place(cascade):
         assert out["probabilities"].shape == (len(x), 10)
         np.testing.assert_allclose(out["probabilities"], w.probs, atol=1e-5)
         np.testing.assert_array_equal(out["exit_stage"], w.exit_stage)
+
+
+def test_engine_nan_is_a_json_500_never_a_bare_nan_token(engine_dir, tmp_path):
+    """Weights poisoned to NaN (hash re-recorded, so only the output check can catch it)."""
+    import json
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from deploykit.manifest import file_sha256
+    from deploykit.runtime.cascade import Cascade
+
+    eng = tmp_path / "engine"
+    shutil.copytree(engine_dir, eng)
+    path = eng / "stage0.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.float32 and arr.ndim == 2:
+            init.CopyFrom(numpy_helper.from_array(np.full_like(arr, np.nan), init.name))
+    onnx.save(model, str(path))
+    m = json.loads((eng / "deploykit.json").read_text())
+    m["stages"][0]["sha256"] = file_sha256(path)
+    (eng / "deploykit.json").write_text(json.dumps(m))
+    with Cascade.from_dir(eng, threads=1) as c, ThreadServer(create_app(c, ServeConfig(max_queue_delay_ms=1))) as s:
+        code, headers, body = http(s.url + "/v2/models/tiny/infer", fp32_request(rows(2)))
+    assert code == 500 and headers["content-type"] == "application/json"
+    assert b"NaN" not in body.replace(b"NaN or infinite", b"")  # no bare NaN token; the body parses as JSON
+    assert "NaN or infinite" in error(body)
