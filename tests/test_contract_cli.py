@@ -28,7 +28,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "classification": {
         "recipe": "recipes/multiexit-digits.yaml",
         "sets": ["backbone.kwargs.img_size=16", "backbone.kwargs.patch_size=4", "backbone.kwargs.depth=4",
-                 "backbone.kwargs.embed_dim=32", "backbone.kwargs.num_heads=2", "train.epochs=1"],
+                 "backbone.kwargs.embed_dim=32", "backbone.kwargs.num_heads=2", "train.epochs=2"],
         "max_steps": 10,
         "export": ["--parity-samples", "32"],
         "calibrate": ["--data", "digits"],
