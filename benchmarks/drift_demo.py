@@ -129,7 +129,7 @@ def main() -> None:
     dk = [sys.executable, "-m", "deploykit"]
     subprocess.run(dk + ["calibrate", str(eng), "--max-drop", "1.0", "--confidence", "0.9"], check=True)
     server = subprocess.Popen(dk + ["serve-local", str(eng), "--port", str(a.port), "--threads", "1",
-                                    "--drift-window", str(a.drift_window), "--drift-threshold",
+                                    "--grpc-port", "0", "--drift-window", str(a.drift_window), "--drift-threshold",
                                     str(a.drift_threshold)], stderr=open(work / "server.log", "w"))
     base = f"http://127.0.0.1:{a.port}"
     try:

@@ -1,4 +1,4 @@
-"""The CLI contract, once per model family: train -> export -> calibrate -> predict -> bench (-> serve-local).
+"""The CLI contract, once per model family: train -> export -> calibrate -> predict -> bench -> serve-local.
 
 Each family's tiny model is trained, exported and run through the real ``deploykit`` commands (click's CliRunner,
 in-process; serve-local as a subprocess over HTTP), from the recipe a user would start from, shortened only with
@@ -116,19 +116,18 @@ def test_train_export_calibrate_predict_bench(pipeline, tmp_path):
 
 
 def test_serve_local_answers_like_predict(pipeline, tmp_path):
-    if pipeline["name"] == "vl-generation":
-        pytest.skip("serve-local for MuE: see issue-13b branch")
     import base64
     import socket
     import urllib.request
 
-    images, _ = _inputs(pipeline, tmp_path)
-    want = [json.loads(line) for line in _ok(["predict", str(pipeline["engine"]), *images]).strip().splitlines()]
+    images, extra = _inputs(pipeline, tmp_path)
+    want = [json.loads(line) for line in
+            _ok(["predict", str(pipeline["engine"]), *images, *extra]).strip().splitlines()]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "deploykit", "serve-local", str(pipeline["engine"]), "--port",
-                             str(port)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                             str(port), "--grpc-port", "0"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -141,13 +140,20 @@ def test_serve_local_answers_like_predict(pipeline, tmp_path):
                 time.sleep(0.25)
         else:
             pytest.fail("serve-local did not get ready: " + proc.stderr.read1().decode(errors="replace"))
-        body = {"inputs": [{"name": "image_bytes", "shape": [len(images)], "datatype": "BYTES",
-                            "data": [base64.b64encode(Path(f).read_bytes()).decode() for f in images]}]}
+        body: dict[str, Any] = {"inputs": [{"name": "image_bytes", "shape": [len(images)], "datatype": "BYTES",
+                                            "data": [base64.b64encode(Path(f).read_bytes()).decode()
+                                                     for f in images]}]}
+        if extra:  # MuE: the task goes in the request parameters (captions need no text)
+            body["parameters"] = {"task": extra[1]}
         req = urllib.request.Request(f"{url}/v2/models/{Manifest.load(pipeline['engine']).name}/infer",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             out = {o["name"]: o["data"] for o in json.loads(r.read())["outputs"]}
-        assert out["label"] == [w["label"] for w in want], out
+        if extra:
+            assert out["text"] == [w["caption"] for w in want], out
+            assert out["image_layers"] == [w["image_layers"] for w in want], out
+        else:
+            assert out["label"] == [w["label"] for w in want], out
     finally:
         proc.terminate()
         proc.wait(timeout=30)

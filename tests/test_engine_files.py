@@ -105,7 +105,8 @@ def test_tampered_graph_is_refused_before_any_answer(engine_copy, tmp_path):
     _one_line_error(*_cli("calibrate", str(engine_copy), "--data", "digits", "--max-drop", "1"), "stage0.onnx")
     assert (engine_copy / "deploykit.json").read_text() == before  # thresholds not overwritten
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "deploykit", "serve-local", str(engine_copy), "--port", "0"],
+    r = subprocess.run([sys.executable, "-m", "deploykit", "serve-local", str(engine_copy), "--port", "0",
+                        "--grpc-port", "0"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "stage0.onnx" in r.stderr and "sha256" in r.stderr

@@ -111,7 +111,7 @@ class ProcessServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "deploykit", "serve-local", str(engine_dir), "--port", str(self.port),
-                    "--threads", "1", *args]
+                    "--threads", "1", "--grpc-port", "0", *args]
         self.env = dict(os.environ, OMP_NUM_THREADS="1")
         self.proc: Any = None
 
