@@ -83,7 +83,8 @@ def train(recipe: str | None, method: str | None, backbone: str | None, data: st
 
 # ---- export / calibrate / bench / predict ----------------------------------------------------------------------
 _BACKEND = click.option("--backend", default="ort-cpu", show_default=True,
-                        type=click.Choice(["ort-cpu", "ort-cuda", "ort-trt", "trt"]), help="Runner for the graphs.")
+                        type=click.Choice(["ort-cpu", "openvino", "ort-cuda", "ort-trt", "trt"]),
+                        help="Runner for the graphs (openvino: `pip install 'deploykit[openvino]'`).")
 
 
 @main.command()
@@ -162,10 +163,13 @@ def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] |
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="INT8 engine directory.")
-@click.option("--mode", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
-              help="dynamic: ORT CPU only; static: calibrated QDQ graphs (ORT CPU and TensorRT).")
-@click.option("--calib-data", default="digits", show_default=True, help="Static: digits or imagefolder:PATH (train).")
-@click.option("--calib-samples", default=256, show_default=True, type=int, help="Static: calibration images.")
+@click.option("--mode", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static", "openvino"]),
+              help="dynamic: ORT CPU only; static: calibrated QDQ graphs (ORT CPU and TensorRT); openvino: NNCF "
+                   "calibrated OpenVINO IR (--backend openvino only).")
+@click.option("--calib-data", default="digits", show_default=True,
+              help="Static / openvino: digits or imagefolder:PATH (train).")
+@click.option("--calib-samples", default=256, show_default=True, type=int,
+              help="Static / openvino: calibration images.")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory at --out.")
 @_friendly_errors
 def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_samples: int, force: bool) -> None:
@@ -177,7 +181,8 @@ def quantize(engine_dir: str, out: str, mode: str, calib_data: str, calib_sample
     q = m.extra["quantization"]
     n = sum(len(g["quantized_nodes"]) for g in q["graphs"].values())
     click.echo(f"wrote {m.num_stages} {m.stages[0].precision} stage graphs + full.onnx to {out} ({n} nodes INT8, "
-               f"exit heads FP32); thresholds are stale: run `deploykit calibrate {out}`")
+               f"exit heads FP32); thresholds are stale: run `deploykit calibrate {out}"
+               + (" --backend openvino`" if mode == "openvino" else "`"))
 
 
 @main.command()
@@ -244,7 +249,7 @@ def info(engine_dir: str) -> None:
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless you say so).")
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, ort-cuda, ort-trt or trt.")
+@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu, openvino, ort-cuda, ort-trt or trt.")
 @click.option("--max-batch-size", default=32, show_default=True, type=int, help="Rows per cascade run.")
 @click.option("--max-queue-delay-ms", default=5.0, show_default=True, type=float,
               help="How long the oldest request waits for a batch to fill.")
@@ -252,7 +257,8 @@ def info(engine_dir: str) -> None:
 @click.option("--max-request-mb", default=16.0, show_default=True, type=float, help="Request body limit (413).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads for the backend (default: its own).")
 @click.option("--instances", default=1, show_default=True, type=int,
-              help="Batches run at once, one inference thread each (ort-cpu only); e.g. 2 x --threads 1 on 2 cores.")
+              help="Batches run at once, one inference thread each (ort-cpu, openvino); e.g. 2 x --threads 1 on 2 "
+                   "cores.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits: move to earlier exits (calibrated curve) when latency nears this p99 target.")
 @_friendly_errors
@@ -345,14 +351,16 @@ def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: i
 @click.option("--max-batch-size", default=32, show_default=True, type=int, help="Rows per stage batch.")
 @click.option("--max-queue-delay-ms", default=5.0, show_default=True, type=float,
               help="How long a stage waits for its batch to fill (@serve.batch batch_wait_timeout_s).")
-@click.option("--threads", default=1, show_default=True, type=int, help="ONNX Runtime threads per stage replica.")
+@click.option("--threads", default=1, show_default=True, type=int, help="Intra-op threads per stage replica.")
+@click.option("--backend", default="ort-cpu", show_default=True, type=click.Choice(["ort-cpu", "openvino"]),
+              help="CPU backend running each stage replica.")
 @click.option("--replica-cpus", default=0.25, show_default=True, type=float, help="Ray CPUs reserved per replica.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits in the ingress (as serve-local): earlier exits when latency nears this p99.")
 @_friendly_errors
 def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas: str | None,
                   total_replicas: int | None, autoscale: bool, max_batch_size: int, max_queue_delay_ms: float,
-                  threads: int, replica_cpus: float, latency_slo_ms: float | None) -> None:
+                  threads: int, backend: str, replica_cpus: float, latency_slo_ms: float | None) -> None:
     """Serve ENGINE_DIR on Ray Serve: one deployment per stage, KServe v2 HTTP API as serve-local."""
     from deploykit.errors import ConfigError
     from deploykit.serve import serve_ray
@@ -363,4 +371,4 @@ def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas:
         raise ConfigError(f"--replicas must be comma-separated integers like 2,1,1,1, got {replicas!r}") from e
     serve_ray(engine_dir, address=address, host=host, port=port, replicas=counts, total_replicas=total_replicas,
               autoscale=autoscale, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-              threads=threads, replica_cpus=replica_cpus, latency_slo_ms=latency_slo_ms)
+              threads=threads, replica_cpus=replica_cpus, latency_slo_ms=latency_slo_ms, backend=backend)

@@ -263,6 +263,13 @@ class Manifest:
                 raise ManifestError(
                     f"{p} does not match the hash recorded in the manifest (file replaced or corrupt); re-export"
                 )
+            for side in s.extra.get("sidecars", []):  # files a graph needs beside it (OpenVINO IR weights)
+                q = self.path_of(str(side["file"]))
+                if not q.exists():
+                    raise ManifestError(f"{q}, which {s.file} needs, is missing; re-run the command that wrote it")
+                if verify_hash and side.get("sha256") and file_sha256(q) != side["sha256"]:
+                    raise ManifestError(f"{q} does not match the hash recorded in the manifest (file replaced or "
+                                        "corrupt); re-run the command that wrote it")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

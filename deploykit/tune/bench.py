@@ -110,7 +110,7 @@ def bench(
             its monolithic graph and cascade are timed in the same interleaved loop, at the same exit fractions
             when ``exit_fractions`` is given (else at its own manifest thresholds); figures go to ``run["compare"]``.
     """
-    from deploykit.backends import create_runner
+    from deploykit.backends import CPU_BACKENDS, create_runner
     from deploykit.backends.ort import default_threads
     from deploykit.manifest import Manifest
 
@@ -123,7 +123,7 @@ def bench(
             Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
         return report
     threads = threads or default_threads()
-    runner_kwargs = {"threads": threads} if backend.startswith("ort") else {}
+    runner_kwargs = {"threads": threads} if backend.startswith("ort") or backend in CPU_BACKENDS else {}
     cascade = Cascade.from_dir(engine_dir, backend=backend, **runner_kwargs)
     m = cascade.manifest
     if m.monolithic is None:
