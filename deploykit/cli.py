@@ -146,18 +146,29 @@ def calibrate(engine_dir: str, data: str, max_drop: float | None, flops_budget: 
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @click.option("--compare", type=click.Path(file_okay=False),
               help="Second engine directory (e.g. the INT8 copy) timed side by side at the same exit fractions.")
+@click.option("--runtimes", is_flag=False, flag_value="all", default=None, metavar="all|NAME,...",
+              help="Also time the monolithic model on every installed CPU runtime (ORT FP32 default / deploykit "
+                   "options, ORT INT8 dynamic, OpenVINO FP32 / INT8) and report the cascade's ratio to the fastest.")
 @_BACKEND
 @_friendly_errors
 def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] | None, checkpoint: str | None,
           data: str | None, samples: int, repeats: int, warmup: int, threads: int | None, json_out: str | None,
-          compare: str | None, backend: str) -> None:
+          compare: str | None, runtimes: str | None, backend: str) -> None:
     """Time monolithic, exit-less chain, cascade (and PyTorch eager) side by side; report speed-ups."""
     from deploykit.tune.bench import bench as run_bench
 
     r = run_bench(engine_dir, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
                   data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
-                  backend=backend, progress=True, compare=compare)
+                  backend=backend, progress=True, compare=compare, runtimes=_runtimes(runtimes))
     _echo_json({"runs": r["runs"], **({"plot": r["plot"]} if "plot" in r else {})})
+
+
+def _runtimes(spec: str | None) -> list[str] | None | bool:
+    if spec is None:
+        return False
+    from deploykit.tune.monolithic import runtime_names
+
+    return runtime_names(spec)
 
 
 @main.command()

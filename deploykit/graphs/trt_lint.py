@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from deploykit.errors import ExportError, ManifestError
+from deploykit.errors import ConfigError, ExportError, ManifestError
 
 # ---- the support matrix, condensed ------------------------------------------------------------------------------
 # Type classes of an op's data input ("T"): F float only, I float + INT32/INT64, A also BOOL, B BOOL only, X any.
@@ -439,6 +439,10 @@ def engine_graphs(engine_dir: str | os.PathLike) -> list[Path]:
         return [m.path_of(g["file"]) for g in (m.extra.get("mue") or {}).get("graphs", {}).values()]
     m.check_files()
     specs = list(m.stages) + ([m.monolithic] if m.monolithic else [])
+    ir = [s.file for s in specs if s.file.endswith(".xml")]
+    if ir:
+        raise ConfigError(f"{engine_dir} holds OpenVINO IR ({ir[0]}, from `quantize --mode openvino`), which TensorRT "
+                          "can't build; lint the FP32 directory or a `quantize --mode static` one")
     return [m.path_of(s.file) for s in specs]
 
 

@@ -84,6 +84,7 @@ def bench(
         torch_model: Any = None,
         ort_default_reference: bool = False,
         compare: str | os.PathLike | None = None,
+        runtimes: list[str] | None | bool = False,
 ) -> dict[str, Any]:
     """Measure the cascade against the monolithic graph, the exit-less chain and (optionally) PyTorch eager.
 
@@ -109,6 +110,9 @@ def bench(
         compare: a second engine directory of the same model (e.g. its INT8 copy from ``deploykit quantize``):
             its monolithic graph and cascade are timed in the same interleaved loop, at the same exit fractions
             when ``exit_fractions`` is given (else at its own manifest thresholds); figures go to ``run["compare"]``.
+        runtimes: also time the FP32 monolithic graph on every installed CPU runtime (``True`` / ``None``: all of
+            :data:`deploykit.tune.monolithic.RUNTIMES` installed here; a list: those), in the same loop; figures
+            and the cascade's speed-up over the fastest go to ``run["runtimes"]``.
     """
     from deploykit.backends import CPU_BACKENDS, create_runner
     from deploykit.backends.ort import default_threads
@@ -148,6 +152,11 @@ def bench(
         thr_source = "manifest (calibrated)" if m.calibration else "manifest (uncalibrated: exits disabled)"
     no_exit = [None] * m.num_stages
     cmp = _compare_setup(compare, backend, runner_kwargs, pool, exit_fractions) if compare else None
+    rts = None
+    if runtimes is not False:
+        from deploykit.tune.monolithic import MonolithicRuntimes
+
+        rts = MonolithicRuntimes(m, pool, threads, None if runtimes is True else runtimes)
     runs = []
     for bs in batch_sizes:
         if bs < 1:
@@ -169,6 +178,8 @@ def bench(
         if cmp is not None:
             variants["compare_monolithic"] = lambda bb=batches: [cmp["mono"].run({"image": b}) for b in bb]
             variants["compare_cascade"] = lambda bb=batches: [cmp["cascade"].run(b, thresholds=cmp["thr"]) for b in bb]
+        if rts is not None:
+            variants.update(rts.variants(batches))
         t = _time_interleaved(variants, warmup, repeats)
         per_batch = {k: v / len(batches) for k, v in t.items()}
         ideal = 1.0 / expected_flops_ratio(m, fractions)
@@ -187,12 +198,16 @@ def bench(
         }
         if cmp is not None:
             run["compare"] = _compare_run(cmp, batches, per_batch, bs)
+        if rts is not None:
+            run["runtimes"] = rts.summarize(per_batch)
         runs.append(run)
         if progress:
             print(f"batch {bs}: monolithic {run['monolithic_ms']:.2f} ms, chain {run['chain_noexit_ms']:.2f} ms, "
                   f"cascade {run['cascade_ms']:.2f} ms, speed-up {speedup:.2f}x of ideal {ideal:.2f}x", flush=True)
     cascade.close()
     mono.close()
+    if rts is not None:
+        rts.close()
     if cmp is not None:
         cmp["cascade"].close()
         cmp["mono"].close()

@@ -83,6 +83,8 @@ def test_ir_refused_by_onnx_runtime_and_tampered_weights(ov_int8: Path, tmp_path
 
     r = CliRunner().invoke(main, ["calibrate", str(ov_int8)])
     assert r.exit_code != 0 and "--backend openvino" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["lint", str(ov_int8)])
+    assert r.exit_code != 0 and "OpenVINO IR" in r.output and "Traceback" not in r.output
     d = tmp_path / "e"
     shutil.copytree(ov_int8, d)
     w = d / "stage1.bin"
