@@ -329,8 +329,9 @@ def quantize(
             for k in ("calib_data", "calibrate_method", "batch_size"):
                 m.extra["quantization"].pop(k)
         if mode == "openvino":  # NNCF's own range estimators, not ORT's calibrate_method
-            m.extra["quantization"].update(calibrate_method="nncf (model_type transformer, preset mixed)",
-                                           op_types="NNCF defaults", backend="openvino")
+            m.extra["quantization"].update(
+                calibrate_method="nncf (model_type transformer, preset mixed, no SmoothQuant)",
+                op_types="NNCF defaults", backend="openvino")
             from deploykit.graphs.ov_quantize import nncf_version
 
             m.provenance = {**m.provenance, "openvino": nncf_version()}
