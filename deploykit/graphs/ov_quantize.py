@@ -42,9 +42,9 @@ def _ov_ops_for(model: Any, onnx_nodes: list[str], onnx_model: Any) -> list[str]
 def nncf_options() -> dict[str, Any]:
     """Keyword arguments for ``nncf.quantize`` (one place).
 
-    TRANSFORMER model type and the MIXED preset (symmetric weights, asymmetric activations), SmoothQuant off:
-    measured on the digits cascade after re-calibration (docs/results.md), SmoothQuant cost 0.8 points and the
-    PERFORMANCE preset (symmetric activations) 6 points, while this setting stayed within 0.3 points of FP32.
+    TRANSFORMER model type and the MIXED preset (symmetric weights, asymmetric activations), SmoothQuant off: on
+    the digits cascade after re-calibration (docs/results.md) SmoothQuant did not help (-0.8 points with, -0.3 /
+    -1.1 without, noise-level) and the PERFORMANCE preset (symmetric activations) lost 6 points.
     """
     nncf = require("nncf", "openvino")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
