@@ -118,6 +118,9 @@ def bench(
     from deploykit.backends.ort import default_threads
     from deploykit.manifest import Manifest
 
+    if Manifest.load(engine_dir).task.startswith("vl") and runtimes is not False:
+        raise ConfigError("--runtimes compares classification cascades with their monolithic graph; this is a VL "
+                          "engine — drop --runtimes")
     if Manifest.load(engine_dir).task.startswith("vl"):
         from deploykit.runtime.generation import bench_vl
 
