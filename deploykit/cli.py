@@ -111,7 +111,8 @@ def _engine(engine_dir: str) -> tuple[Any, Any]:
 
 # ---- export / calibrate / bench / predict ----------------------------------------------------------------------
 _BACKEND = click.option("--backend", default="ort-cpu", show_default=True,
-                        type=click.Choice(["ort-cpu", "ort-cuda", "ort-trt", "trt"]), help="Runner for the graphs.")
+                        type=click.Choice(["ort-cpu", "openvino", "ort-cuda", "ort-trt", "trt"]),
+                        help="Runner for the graphs (openvino: `pip install 'deploykit[openvino]'`).")
 
 
 @main.command()
@@ -182,30 +183,42 @@ def calibrate(engine_dir: str, data: str | None, max_drop: float | None, flops_b
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @click.option("--compare", type=click.Path(file_okay=False),
               help="Second engine directory (e.g. the INT8 copy) timed side by side at the same exit fractions.")
+@click.option("--runtimes", is_flag=False, flag_value="all", default=None, metavar="all|NAME,...",
+              help="Also time the monolithic model on every installed CPU runtime (ORT FP32 default / deploykit "
+                   "options, ORT INT8 dynamic, OpenVINO FP32 / INT8) and report the cascade's ratio to the fastest.")
 @_BACKEND
 @_friendly_errors
 def bench(engine_dir: str, batch_sizes: list[int], exit_fractions: list[float] | None, checkpoint: str | None,
           data: str | None, samples: int, repeats: int, warmup: int, threads: int | None, json_out: str | None,
-          compare: str | None, backend: str) -> None:
+          compare: str | None, runtimes: str | None, backend: str) -> None:
     """Time the engine side by side with its references (monolithic / full depth, PyTorch eager); report speed-ups."""
     family, manifest = _engine(engine_dir)
     r = family.bench(manifest, batch_sizes=batch_sizes, exit_fractions=exit_fractions, checkpoint=checkpoint,
                      data=data, samples=samples, repeats=repeats, warmup=warmup, threads=threads, json_out=json_out,
-                     backend=backend, progress=True, compare=compare)
+                     backend=backend, progress=True, compare=compare, runtimes=_runtimes(runtimes))
     for w in r.data.get("warnings", []) if isinstance(r.data, dict) else []:
         click.echo(f"warning: {w}", err=True)
     click.echo(r.text)
 
 
+def _runtimes(spec: str | None) -> list[str] | None | bool:
+    if spec is None:
+        return False
+    from deploykit.tune.monolithic import runtime_names
+
+    return runtime_names(spec)
+
+
 @main.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="INT8 engine directory.")
-@click.option("--mode", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static"]),
-              help="dynamic: ORT CPU only; static: calibrated QDQ graphs (ORT CPU and TensorRT).")
+@click.option("--mode", default="dynamic", show_default=True, type=click.Choice(["dynamic", "static", "openvino"]),
+              help="dynamic: ORT CPU only; static: calibrated QDQ graphs (ORT CPU and TensorRT); openvino: NNCF "
+                   "calibrated OpenVINO IR (--backend openvino only).")
 @click.option("--calib-data", default=None,
-              help="Static: digits or imagefolder:PATH (its train split); default: the data the engine was trained "
-                   "on (manifest provenance.data). Classes must match the engine's.")
-@click.option("--calib-samples", type=int, help="Static: calibration images [default: 256].")
+              help="Static / openvino: digits or imagefolder:PATH (its train split); default: the data the engine was "
+                   "trained on (manifest provenance.data). Classes must match the engine's.")
+@click.option("--calib-samples", type=int, help="Static / openvino: calibration images [default: 256].")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory at --out.")
 @_friendly_errors
 def quantize(engine_dir: str, out: str, mode: str, calib_data: str | None, calib_samples: int | None,
@@ -289,7 +302,8 @@ def info(engine_dir: str) -> None:
 @click.option("--max-request-mb", default=16.0, show_default=True, type=float, help="Request body limit (413).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads for the backend (default: its own).")
 @click.option("--instances", default=1, show_default=True, type=int,
-              help="Batches run at once, one inference thread each (ort-cpu only); e.g. 2 x --threads 1 on 2 cores.")
+              help="Batches run at once, one inference thread each (ort-cpu, openvino); e.g. 2 x --threads 1 on 2 "
+                   "cores.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits: move to earlier exits (calibrated curve) when latency nears this p99 target.")
 @click.option("--drift-window", default=None, type=int,
@@ -397,14 +411,16 @@ def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: i
 @click.option("--max-batch-size", default=32, show_default=True, type=int, help="Rows per stage batch.")
 @click.option("--max-queue-delay-ms", default=5.0, show_default=True, type=float,
               help="How long a stage waits for its batch to fill (@serve.batch batch_wait_timeout_s).")
-@click.option("--threads", default=1, show_default=True, type=int, help="ONNX Runtime threads per stage replica.")
+@click.option("--threads", default=1, show_default=True, type=int, help="Intra-op threads per stage replica.")
+@click.option("--backend", default="ort-cpu", show_default=True, type=click.Choice(["ort-cpu", "openvino"]),
+              help="CPU backend running each stage replica.")
 @click.option("--replica-cpus", default=0.25, show_default=True, type=float, help="Ray CPUs reserved per replica.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits in the ingress (as serve-local): earlier exits when latency nears this p99.")
 @_friendly_errors
 def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas: str | None,
                   total_replicas: int | None, autoscale: bool, max_batch_size: int, max_queue_delay_ms: float,
-                  threads: int, replica_cpus: float, latency_slo_ms: float | None) -> None:
+                  threads: int, backend: str, replica_cpus: float, latency_slo_ms: float | None) -> None:
     """Serve ENGINE_DIR on Ray Serve: one deployment per stage, KServe v2 HTTP API as serve-local."""
     from deploykit.errors import ConfigError
     from deploykit.serve import serve_ray
@@ -415,4 +431,4 @@ def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas:
         raise ConfigError(f"--replicas must be comma-separated integers like 2,1,1,1, got {replicas!r}") from e
     serve_ray(engine_dir, address=address, host=host, port=port, replicas=counts, total_replicas=total_replicas,
               autoscale=autoscale, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-              threads=threads, replica_cpus=replica_cpus, latency_slo_ms=latency_slo_ms)
+              threads=threads, replica_cpus=replica_cpus, latency_slo_ms=latency_slo_ms, backend=backend)

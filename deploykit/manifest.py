@@ -161,6 +161,8 @@ class Manifest:
         out: list[tuple[str, str]] = []
         for s in list(self.stages) + ([self.monolithic] if self.monolithic else []):
             out.append((s.file, s.sha256))
+            for side in (s.extra.get("sidecars") or []) if isinstance(s.extra, dict) else []:
+                out.append((str(side["file"]), str(side.get("sha256", ""))))  # OpenVINO IR weights beside the .xml
             trt = s.extra.get("trt") if isinstance(s.extra, dict) else None
             if isinstance(trt, dict) and trt.get("engine"):
                 out.append((str(trt["engine"]), str(trt.get("sha256", ""))))
@@ -300,6 +302,10 @@ class Manifest:
             p = self.path_of(s.file)
             if not p.is_file():
                 raise ManifestError(f"graph file {p} named by the manifest is missing; re-export the model")
+            for side in s.extra.get("sidecars", []):  # files a graph needs beside it (OpenVINO IR weights)
+                q = self.path_of(str(side["file"]))
+                if not q.is_file():
+                    raise ManifestError(f"{q}, which {s.file} needs, is missing; re-run the command that wrote it")
         if verify_hash:
             self.verify_files()
 

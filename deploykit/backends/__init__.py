@@ -8,13 +8,22 @@ from typing import Any
 from deploykit.backends.base import Runner
 from deploykit.errors import BackendError, UnknownNameError
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
+BACKENDS = ("ort-cpu", "openvino", "ort-cuda", "ort-trt", "trt")
+# CPU backends: their runners take ``threads``, run on host arrays, and are thread-safe per calling thread
+CPU_BACKENDS = ("ort-cpu", "openvino")
 
 
 def create_runner(path: str | Path, backend: str = "ort-cpu", **kwargs: Any) -> Runner:
     """A runner for one graph file on the named backend."""
-    if backend in GPU_BACKENDS:
+    if backend in GPU_BACKENDS or backend == "openvino":
         check_backend(backend)
+    if Path(path).suffix == ".xml" and backend != "openvino":
+        raise BackendError(f"{Path(path).name} is an OpenVINO IR graph (written by `deploykit quantize --mode "
+                           f"openvino`); run it with --backend openvino, not {backend}")
+    if backend == "openvino":
+        from deploykit.backends.openvino import OpenVinoRunner
+
+        return OpenVinoRunner(path, **kwargs)
     if backend in ("ort-cuda", "ort-trt"):
         from deploykit.backends.ort import OrtIoBindingRunner
 
@@ -43,6 +52,11 @@ def check_backend(backend: str) -> None:
         raise UnknownNameError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "ort-cpu":
         return
+    if backend == "openvino":
+        from deploykit.backends.openvino import check_openvino
+
+        check_openvino()
+        return
     try:
         import torch
 
@@ -70,4 +84,4 @@ def check_backend(backend: str) -> None:
                            "--backend ort-cpu on this machine")
 
 
-__all__ = ["BACKENDS", "GPU_BACKENDS", "Runner", "check_backend", "create_runner"]
+__all__ = ["BACKENDS", "CPU_BACKENDS", "GPU_BACKENDS", "Runner", "check_backend", "create_runner"]

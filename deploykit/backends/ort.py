@@ -34,15 +34,31 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int | None = None, spinning: bool = False) -> Any:
-    """SessionOptions tuned for chained sessions on a small CPU."""
+SPINNING = ("off", "in-run", "on")
+DEFAULT_SPINNING = "off"
+
+
+def session_options(threads: int | None = None, spinning: bool | str = DEFAULT_SPINNING) -> Any:
+    """SessionOptions tuned for chained sessions on a small CPU.
+
+    ``spinning``: ``off`` — pool threads block between parallel sections (no idle stage ever spins, at the cost of
+    a wake-up per section); ``in-run`` — threads spin inside a ``Run`` and stop spinning when it returns
+    (``session.force_spinning_stop``), so a finished stage doesn't spin against the next one; ``on`` — ORT's
+    default, threads keep spinning after ``Run`` (fastest for one session alone, fights the next stage's pool).
+    ``True`` / ``False`` mean ``on`` / ``off``. docs/openvino.md has the measurement behind the default.
+    """
     ort = require("onnxruntime", "cpu")
+    mode = ("on" if spinning else "off") if isinstance(spinning, bool) else spinning
+    if mode not in SPINNING:
+        raise BackendError(f"spinning must be one of {', '.join(SPINNING)}, got {spinning!r}")
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0" if mode == "off" else "1")
+    if mode == "in-run":
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3
     return so
 
@@ -55,7 +71,7 @@ class OrtRunner(Runner):
             path: str | os.PathLike,
             providers: list[Any] | None = None,
             threads: int | None = None,
-            spinning: bool = False,
+            spinning: bool | str = DEFAULT_SPINNING,
     ):
         super().__init__()
         self.path = Path(path)

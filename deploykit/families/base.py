@@ -38,7 +38,7 @@ class Family:
     description: str = ""
     methods: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
-    backends: tuple[str, ...] = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
+    backends: tuple[str, ...] = ("ort-cpu", "openvino", "ort-cuda", "ort-trt", "trt")
     default_opset: int = 18
 
     # ---- runs ---------------------------------------------------------------------------------------------------

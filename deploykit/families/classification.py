@@ -106,7 +106,8 @@ class ClassificationFamily(Family):
                      calib_samples=256 if calib_samples is None else calib_samples, overwrite=overwrite)
         n = sum(len(g["quantized_nodes"]) for g in m.extra["quantization"]["graphs"].values())
         return Outcome(m, f"wrote {m.num_stages} {m.stages[0].precision} stage graphs + full.onnx to {out} ({n} nodes "
-                          f"INT8, exit heads FP32); thresholds are stale: run `deploykit calibrate {out}`")
+                          f"INT8, exit heads FP32); thresholds are stale: run `deploykit calibrate {out}"
+                          + (" --backend openvino`" if mode == "openvino" else "`"))
 
     def info(self, manifest: Manifest) -> str:
         m = manifest

@@ -100,9 +100,14 @@ class VLGenerationFamily(Family):
               exit_fractions: list[float] | None = None, checkpoint: str | os.PathLike | None = None,
               data: str | None = None, samples: int = 64, repeats: int = 5, warmup: int = 2,
               threads: int | None = None, json_out: str | os.PathLike | None = None,
-              compare: str | os.PathLike | None = None, backend: str = "ort-cpu", progress: bool = False) -> Outcome:
+              compare: str | os.PathLike | None = None, backend: str = "ort-cpu", progress: bool = False,
+              runtimes: list[str] | None | bool = False) -> Outcome:
         from deploykit.manifest import Manifest
         from deploykit.tune.mue_bench import bench_vl
+
+        if runtimes is not False:
+            raise refuse("--runtimes", self.name, "it times the monolithic classifier on each CPU runtime; a MuE "
+                                                  "engine has no monolithic graph (bench compares full depth instead)")
 
         if exit_fractions is not None:
             raise refuse("--exit-fractions", self.name, "MuE exits per image stream, text stream and generated "

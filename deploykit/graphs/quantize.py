@@ -28,13 +28,14 @@ import numpy as np
 
 from deploykit import progress as P
 from deploykit.errors import ConfigError, DataError, ManifestError
-from deploykit.manifest import MANIFEST_NAME, Manifest, as_manifest, file_sha256
+from deploykit.manifest import MANIFEST_NAME, Manifest, StageSpec, as_manifest, file_sha256
 from deploykit.manifest_sections import GraphEntry, auxiliary_files, graph_entries
 from deploykit.staging import staged_dir
 
-MODES = ("dynamic", "static")
+MODES = ("dynamic", "static", "openvino")
+CALIBRATED = ("static", "openvino")  # modes that calibrate activation ranges on real images
 CALIBRATE_METHODS = ("minmax", "percentile", "entropy")
-PRECISION = {"dynamic": "int8-dynamic", "static": "int8-static"}
+PRECISION = {"dynamic": "int8-dynamic", "static": "int8-static", "openvino": "int8-openvino"}
 MIN_CALIB_SAMPLES = 16
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 # ops only a quantised graph has (QDQ pairs, or what quantize_dynamic writes)
@@ -61,8 +62,8 @@ class QuantSettings:
         if self.calibrate_method not in CALIBRATE_METHODS:
             raise ConfigError(f"calibrate_method must be one of {', '.join(CALIBRATE_METHODS)}, "
                               f"got {self.calibrate_method!r}")
-        if self.mode == "static" and self.calib_samples < MIN_CALIB_SAMPLES:
-            raise DataError(f"static quantisation needs at least {MIN_CALIB_SAMPLES} calibration samples, got "
+        if self.mode in CALIBRATED and self.calib_samples < MIN_CALIB_SAMPLES:
+            raise DataError(f"{self.mode} quantisation needs at least {MIN_CALIB_SAMPLES} calibration samples, got "
                             f"{self.calib_samples}; pass --calib-samples {MIN_CALIB_SAMPLES} or more (256 is typical)")
         if self.batch_size < 1:
             raise ConfigError(f"calibration batch size must be >= 1, got {self.batch_size}")
@@ -231,6 +232,20 @@ def _run_quantizer(model: Any, dst: Path, s: QuantSettings, feeds: list[dict[str
                                        "QuantizeBias": False}, **common)
 
 
+FORMATS = {"dynamic": "MatMulInteger (dynamic)", "static": "QDQ", "openvino": "OpenVINO IR (NNCF FakeQuantize)"}
+
+
+def _quantize_ov(m: Manifest, spec: StageSpec, tmp: Path, feeds: list[dict[str, np.ndarray]], n_calib: int,
+                 graphs: dict[str, Any]) -> None:
+    """One graph through NNCF; the spec now names the IR, whose weights file is hashed as a sidecar."""
+    from deploykit.graphs.ov_quantize import quantize_graph_ov
+
+    info = quantize_graph_ov(m.path_of(spec.file), tmp, spec, feeds, subset_size=n_calib)
+    graphs[info["file"]] = {k: v for k, v in info.items() if k not in ("file", "weights")}
+    spec.file = info["file"]
+    spec.extra["sidecars"] = [{"file": info["weights"], "sha256": file_sha256(tmp / info["weights"])}]
+
+
 # ---- the engine directory ---------------------------------------------------------------------------------------
 def is_quantized(manifest: Manifest) -> bool:
     """Whether an engine directory's graphs are already INT8."""
@@ -258,7 +273,8 @@ def quantize(
     Args:
         engine_dir: FP32 engine directory (``deploykit export`` output), or its loaded manifest.
         out_dir: new engine directory (written atomically; refused if it holds something, unless ``overwrite``).
-        mode: ``dynamic`` (ORT CPU only) or ``static`` (QDQ; ORT CPU and TensorRT).
+        mode: ``dynamic`` (ORT CPU only), ``static`` (QDQ; ORT CPU and TensorRT) or ``openvino`` (NNCF,
+            OpenVINO IR ``.xml`` + ``.bin``; the ``openvino`` backend only).
         calib_data: static mode: ``digits``, ``imagefolder:PATH`` (its train split is used) or an array
             ``[N, C, H, W]`` already preprocessed per the manifest; default: the data the engine was trained on
             (the manifest's ``provenance.data``). A data spec with other classes than the engine is refused.
@@ -282,8 +298,8 @@ def quantize(
     if is_quantized(m):
         raise ConfigError(f"{src_dir} is already quantised; quantise the FP32 engine directory it came from (see "
                           "its deploykit.json extra.quantization.source)")
-    if mode == "static" and not m.stages:
-        raise ConfigError("static quantisation calibrates stage graphs on images; this engine has none (use "
+    if mode in CALIBRATED and not m.stages:
+        raise ConfigError(f"--mode {mode} calibrates stage graphs on images; this engine has none (use "
                           "--mode dynamic)")
     for e in entries:
         if not m.path_of(e.file).exists():
@@ -298,7 +314,7 @@ def quantize(
     per_stage: list[list[dict[str, np.ndarray]]] = []
     mono_feeds: list[dict[str, np.ndarray]] = []
     n_calib = 0
-    if mode == "static":
+    if mode in CALIBRATED:
         x = calibration_inputs(m, calib_data, s.calib_samples)
         n_calib = len(x)
         per_stage = stage_feeds(m, x, batch_size)
@@ -311,23 +327,34 @@ def quantize(
             if not e.quantize:
                 shutil.copyfile(m.path_of(e.file), tmp / e.file)
                 continue
-            feeds = (per_stage[i] if i < len(m.stages) else mono_feeds) if mode == "static" else None
-            graphs[e.file] = quantize_graph(m.path_of(e.file), tmp / e.file, e, s, feeds)
-            e.set("sha256", file_sha256(tmp / e.file))
+            feeds = (per_stage[i] if i < len(m.stages) else mono_feeds) if mode in CALIBRATED else None
+            if mode == "openvino":  # cascade stages only (refused above otherwise): the entry's target is a StageSpec
+                _quantize_ov(m, e._target, tmp, feeds or [], n_calib, graphs)
+                file = e._target.file
+            else:
+                graphs[e.file] = quantize_graph(m.path_of(e.file), tmp / e.file, e, s, feeds)
+                file = e.file
+            e.set("sha256", file_sha256(tmp / file))
             e.set("precision", PRECISION[mode])
         for f in auxiliary_files(m):
             shutil.copyfile(m.path_of(f), tmp / f)
         m.extra.pop("trt", None)
         m.extra["quantization"] = {
-            **asdict(s), "calib_samples": n_calib if mode == "static" else 0, "calib_split": "train",
-            "format": "QDQ" if mode == "static" else "MatMulInteger (dynamic)",
-            "activation_type": "int8 symmetric" if mode == "static" else "uint8 per batch",
+            **asdict(s), "calib_samples": n_calib, "calib_split": "train", "format": FORMATS[mode],
+            "activation_type": "uint8 per batch" if mode == "dynamic" else "int8 symmetric",
             "weight_type": "int8 symmetric", "op_types": list(QUANT_OPS), "source": str(src_dir.resolve()),
             "seconds": round(time.time() - started, 1), "graphs": graphs,
         }
         if mode == "dynamic":
             for k in ("calib_data", "calibrate_method", "batch_size"):
                 m.extra["quantization"].pop(k)
+        if mode == "openvino":  # NNCF's own range estimators, not ORT's calibrate_method
+            m.extra["quantization"].update(
+                calibrate_method="nncf (model_type transformer, preset mixed, no SmoothQuant)",
+                op_types="NNCF defaults", backend="openvino")
+            from deploykit.graphs.ov_quantize import nncf_version
+
+            m.provenance = {**m.provenance, "openvino": nncf_version()}
         if m.calibration:
             m.calibration = {**m.calibration, "stale": "thresholds were calibrated on the FP32 graphs; run "
                                                        "`deploykit calibrate` on this directory"}
@@ -340,10 +367,11 @@ def quantize(
 
 def _calibration_source(m: Manifest, mode: str, calib_data: str | np.ndarray | None,
                         src_dir: Path) -> str | np.ndarray | None:
-    """The data static calibration reads: as given, else the engine's own training data; classes must match."""
-    if mode != "static":
+    """The data static / openvino calibration reads: as given, else the engine's own training data; same classes."""
+    if mode not in CALIBRATED:
         if calib_data is not None:
-            raise ConfigError("--calib-data applies to --mode static only (dynamic quantisation needs no data)")
+            raise ConfigError("--calib-data applies to --mode static / openvino only (dynamic quantisation needs no "
+                              "data)")
         return None
     if calib_data is None:
         calib_data = m.provenance.get("data")

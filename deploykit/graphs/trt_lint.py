@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from deploykit.errors import ExportError, ManifestError
+from deploykit.errors import ConfigError, ExportError, ManifestError
 
 # ---- the support matrix, condensed ------------------------------------------------------------------------------
 # Type classes of an op's data input ("T"): F float only, I float + INT32/INT64, A also BOOL, B BOOL only, X any.
@@ -437,6 +437,10 @@ def engine_graphs(engine_dir: str | os.PathLike) -> list[Path]:
         raise ManifestError(f"engine directory {root} does not exist; run `deploykit export RUN_DIR -o {root}` first")
     m = Manifest.load(root)
     paths = [m.path_of(e.file) for e in graph_entries(m)]
+    ir = [p.name for p in paths if p.suffix == ".xml"]
+    if ir:
+        raise ConfigError(f"{engine_dir} holds OpenVINO IR ({ir[0]}, from `quantize --mode openvino`), which TensorRT "
+                          "can't build; lint the FP32 directory or a `quantize --mode static` one")
     for p in paths:
         if not p.exists():
             raise ManifestError(f"graph file {p} named by the manifest is missing; re-export the model")

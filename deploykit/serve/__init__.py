@@ -74,8 +74,11 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
                           f"{drain_timeout_s}")
     if max_image_pixels is not None and max_image_pixels < 1:
         raise ConfigError(f"expected --max-image-pixels >= 1, got {max_image_pixels}")
-    if instances > 1 and backend != "ort-cpu":
-        raise ConfigError(f"--instances {instances} needs the ort-cpu backend (its sessions are thread-safe); the "
+    from deploykit.backends import CPU_BACKENDS
+
+    if instances > 1 and backend not in CPU_BACKENDS:
+        raise ConfigError(f"--instances {instances} needs a CPU backend ({', '.join(CPU_BACKENDS)}: thread-safe "
+                          "runners); the "
                           f"{backend} runner keeps per-run device buffers, so run one server per device instead")
     from deploykit.serve.drift import DEFAULT_THRESHOLD, DEFAULT_WINDOW
 
@@ -209,7 +212,7 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
               replicas: list[int] | None = None, total_replicas: int | None = None, autoscale: bool = False,
               max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_request_mb: float = 16.0,
               threads: int = 1, replica_cpus: float = 0.25, num_cpus: float = 2,
-              latency_slo_ms: float | None = None) -> None:
+              latency_slo_ms: float | None = None, backend: str = "ort-cpu") -> None:
     """Deploy ``engine_dir`` on Ray Serve (one deployment per stage) and serve until SIGINT / SIGTERM.
 
     ``address="local"`` starts a Ray cluster on 127.0.0.1 for this process and stops it at the end; ``auto`` (or
@@ -229,7 +232,7 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
     config = RayConfig(replicas=replicas, total_replicas=total_replicas, autoscale=autoscale,
                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                        max_request_mb=max_request_mb, threads=threads, replica_cpus=replica_cpus,
-                       latency_slo_ms=latency_slo_ms)
+                       latency_slo_ms=latency_slo_ms, backend=backend)
     connect(address, num_cpus)
     stop = threading.Event()
     try:

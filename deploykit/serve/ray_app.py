@@ -47,7 +47,8 @@ class RayConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     max_request_mb: float = 16.0
-    threads: int = 1  # ONNX Runtime intra-op threads per stage replica
+    threads: int = 1  # intra-op threads per stage replica
+    backend: str = "ort-cpu"  # a CPU backend (ort-cpu or openvino) running each stage replica's graph
     replica_cpus: float = 0.25  # Ray logical CPUs reserved per replica
     latency_slo_ms: float | None = None  # load-adaptive exits in the ingress; None = off
 
@@ -88,18 +89,20 @@ def _rows(items: list[dict[str, np.ndarray]]) -> int:
 
 
 class StageReplica:
-    """One stage graph in ONNX Runtime; batches the rows of concurrent calls (``@serve.batch`` counts rows)."""
+    """One stage graph on a CPU backend; batches the rows of concurrent calls (``@serve.batch`` counts rows)."""
 
     def __init__(self, stage: dict[str, Any], graph: bytes, last: bool, threads: int, max_batch_size: int,
-                 wait_s: float) -> None:
-        from deploykit.backends.ort import OrtRunner
+                 wait_s: float, backend: str = "ort-cpu", weights: bytes | None = None) -> None:
+        from deploykit.backends import create_runner
         from deploykit.manifest import StageSpec
 
         spec = StageSpec.from_dict(stage)
         self._dir = tempfile.TemporaryDirectory(prefix="deploykit-stage-")
         path = Path(self._dir.name) / Path(spec.file).name
         path.write_bytes(graph)
-        self.runner = OrtRunner(path, threads=threads).load()
+        if weights is not None:  # OpenVINO IR: the .bin beside the .xml
+            path.with_suffix(".bin").write_bytes(weights)
+        self.runner = create_runner(path, backend, threads=threads).load()
         self.outputs = ([] if last else [t.name for t in spec.outputs]) + [spec.exit_logits, spec.exit_score]
         self.run_batch.set_max_batch_size(max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(wait_s)
@@ -200,6 +203,12 @@ class Ingress:
         return {"probs": state.probs(), "exit_stage": state.exit_stage, "score": state.score}
 
 
+def _weights(manifest: Manifest, file: str) -> bytes | None:
+    """The weights file of an OpenVINO IR stage (``.xml`` + ``.bin``); None for ONNX graphs."""
+    path = manifest.path_of(file)
+    return path.with_suffix(".bin").read_bytes() if path.suffix == ".xml" else None
+
+
 def build_app(engine_dir: str | os.PathLike, config: RayConfig) -> tuple[Any, list[dict[str, Any]]]:
     """The Ray Serve application (ingress bound to one deployment per stage) and the per-stage options."""
     from deploykit.serve.models import check_frontend
@@ -209,13 +218,19 @@ def build_app(engine_dir: str | os.PathLike, config: RayConfig) -> tuple[Any, li
     manifest.check_files()
     if config.max_batch_size < 1 or config.max_queue_delay_ms < 0 or config.max_request_mb <= 0:
         raise ConfigError("expected --max-batch-size >= 1, --max-queue-delay-ms >= 0 and --max-request-mb > 0")
+    from deploykit.backends import CPU_BACKENDS, check_backend
+
+    if config.backend not in CPU_BACKENDS:
+        raise ConfigError(f"serve-ray runs stage replicas on CPU backends ({', '.join(CPU_BACKENDS)}), not "
+                          f"{config.backend!r}")
+    check_backend(config.backend)
     opts = deployment_options(manifest, config)
     last = manifest.num_stages - 1
     stage_dep = serve.deployment(StageReplica)
     stages = [
         stage_dep.options(name=f"stage{k}", **o).bind(
             manifest.to_dict()["stages"][k], manifest.path_of(s.file).read_bytes(), k == last, config.threads,
-            config.max_batch_size, config.max_queue_delay_ms / 1000.0)
+            config.max_batch_size, config.max_queue_delay_ms / 1000.0, config.backend, _weights(manifest, s.file))
         for k, (s, o) in enumerate(zip(manifest.stages, opts))
     ]
     ingress = serve.deployment(Ingress).options(

@@ -71,6 +71,7 @@ def bench(
         torch_model: Any = None,
         ort_default_reference: bool = False,
         compare: str | os.PathLike | None = None,
+        runtimes: list[str] | None | bool = False,
 ) -> dict[str, Any]:
     """Measure the cascade against the monolithic graph, the exit-less chain and (optionally) PyTorch eager.
 
@@ -97,8 +98,11 @@ def bench(
         compare: a second engine directory of the same model (e.g. its INT8 copy from ``deploykit quantize``):
             its monolithic graph and cascade are timed in the same interleaved loop, at the same exit fractions
             when ``exit_fractions`` is given (else at its own manifest thresholds); figures go to ``run["compare"]``.
+        runtimes: also time the FP32 monolithic graph on every installed CPU runtime (``True`` / ``None``: all of
+            :data:`deploykit.tune.monolithic.RUNTIMES` installed here; a list: those), in the same loop; figures
+            and the cascade's speed-up over the fastest go to ``run["runtimes"]``.
     """
-    from deploykit.backends import create_runner
+    from deploykit.backends import CPU_BACKENDS, create_runner
     from deploykit.backends.ort import default_threads
 
     manifest = as_manifest(engine_dir)
@@ -108,7 +112,7 @@ def bench(
 
     threads = threads or default_threads()
     load_start = loadavg()
-    runner_kwargs = {"threads": threads} if backend.startswith("ort") else {}
+    runner_kwargs = {"threads": threads} if backend.startswith("ort") or backend in CPU_BACKENDS else {}
     cascade = open_cascade(manifest, backend=backend, **runner_kwargs)
     m = cascade.manifest
     if m.monolithic is None:
@@ -143,6 +147,11 @@ def bench(
             r.sync()
 
     pbar = P.bar(len(batch_sizes) * (warmup + repeats), "bench", show=None if progress else False, unit="round")
+    rts = None
+    if runtimes is not False:
+        from deploykit.tune.monolithic import MonolithicRuntimes
+
+        rts = MonolithicRuntimes(m, pool, threads, None if runtimes is True else runtimes)
     for bs in batch_sizes:
         n = int(np.ceil(n_pool / bs) * bs)
         xs = np.concatenate([pool] * int(np.ceil(n / len(pool))))[:n]
@@ -161,6 +170,8 @@ def bench(
         if cmp is not None:
             variants["compare_monolithic"] = lambda bb=batches: [cmp["mono"].run({"image": b}) for b in bb]
             variants["compare_cascade"] = lambda bb=batches: [cmp["cascade"].run(b, thresholds=cmp["thr"]) for b in bb]
+        if rts is not None:
+            variants.update(rts.variants(batches))
         pbar.set_postfix_str(f"batch {bs}")
         samples_s = T.time_interleaved(variants, warmup, repeats, sync=sync, tick=lambda: pbar.update(1))
         spreads = {k: T.spread(v, 1000.0 / len(batches)) for k, v in samples_s.items()}
@@ -185,10 +196,14 @@ def bench(
         }
         if cmp is not None:
             run["compare"] = _compare_run(cmp, batches, per_batch, bs)
+        if rts is not None:
+            run["runtimes"] = rts.summarize(per_batch)
         runs.append(run)
     pbar.close()
     cascade.close()
     mono.close()
+    if rts is not None:
+        rts.close()
     if cmp is not None:
         cmp["cascade"].close()
         cmp["mono"].close()
