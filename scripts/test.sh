@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite (CPU only; GPU / TensorRT tests skip with their reason). Extra arguments go to pytest.
-# ray: tests/serve/test_ray.py starts a real local Ray cluster (it skips with the reason where ray is missing)
-export DEPLOYKIT_EXTRAS="${DEPLOYKIT_EXTRAS:-cpu,serve,dev,ray}"
+# ray: tests/serve/test_ray.py starts a real local Ray cluster (it skips with the reason where ray is missing);
+# openvino: the OpenVINO backend and NNCF INT8 tests (they skip with the reason where openvino is missing)
+export DEPLOYKIT_EXTRAS="${DEPLOYKIT_EXTRAS:-cpu,serve,dev,ray,openvino}"
 source "$(dirname "$0")/_env.sh"
 set +e
 python -m pytest -q -rs "$@"
