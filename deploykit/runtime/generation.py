@@ -295,7 +295,9 @@ def bench_vl(engine_dir: str | os.PathLike, task: str | None = None, n: int = 20
                 t0 = time.perf_counter()
                 res = eng.generate_ids(imgs, ids, t, th, batch_size=batch_size)
                 times.append(time.perf_counter() - t0)
-            entry[name] = summarize(res, rows, eng, corpus_bleu) | {"seconds": float(np.median(times))}
+            entry[name] = summarize(res, rows, eng, corpus_bleu) | {
+                "seconds": float(np.median(times)), "seconds_min": float(np.min(times)),
+                "seconds_max": float(np.max(times))}
         entry["speedup"] = entry["full"]["seconds"] / entry["exits"]["seconds"]
         report["tasks"][t] = entry
     eng.close()

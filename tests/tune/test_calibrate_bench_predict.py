@@ -80,13 +80,14 @@ def test_predict_files(trained_engine, tmp_path):
     assert [int(r["class_index"]) for r in res] == direct.labels_idx.tolist()
 
 
-def test_predict_undecodable_image_fails_before_work(trained_engine, tmp_path):
+def test_predict_undecodable_image_is_reported_and_the_rest_go_on(trained_engine, tmp_path):
     from deploykit.data import write_samples
 
     good = write_samples("digits", "test", 1, tmp_path)[0]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    with pytest.raises(DataError, match="can't decode"):
-        predict(trained_engine, [good, bad])
-    with pytest.raises(DataError, match="does not exist"):
-        predict(trained_engine, [tmp_path / "nope.png"])
+    first, second = predict(trained_engine, [bad, good])
+    assert first["image"] == str(bad) and "can't decode" in first["error"] and "label" not in first
+    assert second["image"] == str(good) and "label" in second
+    (only,) = predict(trained_engine, [tmp_path / "nope.png"])
+    assert "does not exist" in only["error"]
