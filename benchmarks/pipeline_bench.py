@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -43,8 +44,11 @@ def main() -> None:
                    ort_default_reference=True)
     report["spinning_check"] = spinning_check(eng, [int(b) for b in args.batch_sizes.split(",")], args.repeats)
     (out / "pipeline_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["runs"], indent=2))
-    print(json.dumps(report["spinning_check"], indent=2))
+    from deploykit.tune.report import bench_summary
+
+    for w in report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(bench_summary(report, out / "pipeline_bench.json"))
 
 
 def spinning_check(eng: Path, batch_sizes: list[int], repeats: int) -> list[dict]:
@@ -57,7 +61,7 @@ def spinning_check(eng: Path, batch_sizes: list[int], repeats: int) -> list[dict
     from deploykit.backends.ort import OrtRunner
     from deploykit.manifest import Manifest
     from deploykit.runtime.cascade import Cascade
-    from deploykit.tune.bench import _time_interleaved
+    from deploykit.tune.timing import spread, time_interleaved
 
     m = Manifest.load(eng)
     shape = [int(v) for v in m.input_spec.shape[1:]]
@@ -74,8 +78,10 @@ def spinning_check(eng: Path, batch_sizes: list[int], repeats: int) -> list[dict
             tag = "spinning" if spin else "no_spinning"
             variants[f"chain_{tag}"] = lambda c=chains[spin], bb=batches: [c.run(b, [None] * 4) for b in bb]
             variants[f"monolithic_{tag}"] = lambda r=monos[spin], bb=batches: [r.run({"image": b}) for b in bb]
-        t = _time_interleaved(variants, warmup=1, repeats=repeats)
-        rows.append({"batch_size": bs, **{f"{k}_ms": v / len(batches) for k, v in t.items()},
+        samples = time_interleaved(variants, warmup=1, repeats=repeats)
+        spreads = {k: spread(v, 1000.0 / len(batches)) for k, v in samples.items()}
+        t = {k: v["median"] for k, v in spreads.items()}
+        rows.append({"batch_size": bs, **{f"{k}_ms": v for k, v in t.items()}, "spread_ms": spreads,
                      "chain_overhead_no_spinning": t["chain_no_spinning"] / t["monolithic_no_spinning"],
                      "chain_overhead_spinning": t["chain_spinning"] / t["monolithic_spinning"]})
     return rows

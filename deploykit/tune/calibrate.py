@@ -138,30 +138,59 @@ def calibrate(
     return report
 
 
+def _zoom(report: dict[str, Any]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Axes limits (FLOPs, accuracy %) around the Pareto region that matters: near full depth down to the choice."""
+    c, v, t = report["curve"], report["val"], report["test"]
+    drop = report["objective"].get("max_drop_points") or 1.0
+    fulls = [100 * v["full_accuracy"], 100 * t["full_accuracy"]]
+    y_lo = min(min(fulls) - 3 * max(drop, 0.5), 100 * v["cascade_accuracy"], 100 * t["cascade_accuracy"]) - 0.5
+    y_hi = max(fulls + [100 * p["val_accuracy"] for p in c] + [100 * p["test_accuracy"] for p in c]) + 0.5
+    xs = [p["flops_ratio"] for p in c if 100 * p["val_accuracy"] >= y_lo]
+    xs += [p["test_flops_ratio"] for p in c if 100 * p["test_accuracy"] >= y_lo]
+    x_lo = min(xs + [v["flops_ratio"], t["flops_ratio"], report["objective"].get("flops_budget") or 1.0])
+    return (max(0.0, x_lo - 0.04), 1.02), (max(0.0, y_lo), min(100.5, y_hi))
+
+
 def plot_calibration(report: dict[str, Any], sw: Any, path: str | os.PathLike) -> None:
-    """Accuracy against FLOPs: every combination (val), the Pareto curve on val and test, and the choice."""
+    """Accuracy against FLOPs, zoomed on the Pareto region: both full-depth lines, the allowed drop, the choice.
+
+    A reader sees why the point was chosen: the cheapest val point inside the shaded band (full depth on val minus
+    the allowed drop), and where the same thresholds land on test against test's own full depth.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.scatter(sw.flops_ratio, 100 * sw.accuracy, s=2, c="0.8", label="threshold combinations (val)")
-    c = report["curve"]
-    ax.plot([p["flops_ratio"] for p in c], [100 * p["val_accuracy"] for p in c], "-", c="C0", label="Pareto (val)")
-    ax.plot([p["test_flops_ratio"] for p in c], [100 * p["test_accuracy"] for p in c], "-", c="C1",
+    (x_lo, x_hi), (y_lo, y_hi) = _zoom(report)
+    v, t, c = report["val"], report["test"], report["curve"]
+    fig, ax = plt.subplots(figsize=(9.6, 4.8), dpi=120)
+    keep = (sw.flops_ratio >= x_lo) & (100 * sw.accuracy >= y_lo)
+    ax.scatter(sw.flops_ratio[keep], 100 * sw.accuracy[keep], s=3, c="0.78", label="threshold combinations (val)")
+    ax.plot([p["flops_ratio"] for p in c], [100 * p["val_accuracy"] for p in c], "-", c="C0", lw=1.4,
+            label="Pareto front (val)")
+    ax.plot([p["test_flops_ratio"] for p in c], [100 * p["test_accuracy"] for p in c], "-", c="C1", lw=1.2,
             label="same thresholds (test)")
-    t = report["test"]
-    ax.axhline(100 * t["full_accuracy"], ls="--", c="C1", lw=0.8, label="full depth (test)")
-    ax.plot([t["flops_ratio"]], [100 * t["cascade_accuracy"]], "*", ms=14, c="C3", label="chosen (test)")
+    full_v, full_t = 100 * v["full_accuracy"], 100 * t["full_accuracy"]
+    ax.axhline(full_v, ls="--", c="C0", lw=0.9, label=f"full depth (val) {full_v:.2f}%")
+    ax.axhline(full_t, ls="--", c="C1", lw=0.9, label=f"full depth (test) {full_t:.2f}%")
+    obj = report["objective"]
+    if obj.get("max_drop_points") is not None:
+        d = obj["max_drop_points"]
+        ax.axhspan(full_v - d, full_v, color="C0", alpha=0.12, label=f"allowed drop on val ({d:g} points)")
+    else:
+        ax.axvspan(x_lo, obj["flops_budget"], color="C0", alpha=0.08, label=f"FLOPs budget {obj['flops_budget']:g}")
+    ax.plot([v["flops_ratio"]], [100 * v["cascade_accuracy"]], "o", ms=8, mfc="none", c="C0", label="chosen (val)")
+    ax.plot([t["flops_ratio"]], [100 * t["cascade_accuracy"]], "*", ms=14, c="C3",
+            label=f"chosen (test): {100 * t['cascade_accuracy']:.2f}% at {100 * t['flops_ratio']:.1f}% FLOPs")
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
     ax.set_xlabel("expected FLOPs / full model FLOPs")
     ax.set_ylabel("accuracy (%)")
-    lo = min(100 * t["full_accuracy"] - 15, 100 * min(p["test_accuracy"] for p in c))
-    ax.set_ylim(max(lo, 0), 100.5)
-    ax.set_xlim(0, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("deploykit calibrate: accuracy vs FLOPs")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5)
+    fr = ", ".join(f"{f:.2f}" for f in t["exit_fractions"])
+    ax.set_title(f"deploykit calibrate (zoomed on the Pareto region)\ntest exit fractions per stage: {fr}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

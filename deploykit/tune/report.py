@@ -23,7 +23,7 @@ def bench_summary(report: dict[str, Any], json_out: str | os.PathLike | None = N
     for r in report["runs"]:
         s = r.get("speedup_spread") or {"min": r["speedup"], "max": r["speedup"]}
         parts.append(f"batch {r['batch_size']}: cascade {r['cascade_ms']:.3g} ms vs monolithic {r['monolithic_ms']:.3g}"
-                     f" ms, speed-up {r['speedup']:.2f}x [{s['min']:.2f}-{s['max']:.2f}] of ideal "
+                     f" ms, speed-up {r['speedup']:.2f}x (per repeat {s['min']:.2f}-{s['max']:.2f}) of ideal "
                      f"{r['ideal_speedup']:.2f}x")
     load = report.get("loadavg_start")
     busy = f" (BUSY: {len(report['warnings'])} warning(s))" if report.get("warnings") else ""

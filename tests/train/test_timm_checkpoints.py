@@ -187,3 +187,9 @@ def test_hf_hub_name_resolves_config_and_weights_from_the_cache(tmp_path, hub_ca
     bb = create_backbone(f"hf-hub:{repo}", 7, pretrained=True)
     assert _same(bb.state_dict(), weights)
     assert bb.pretrained_cfg["crop_pct"] == 0.9 and bb.pretrained_cfg["mean"] == [0.5, 0.5, 0.5]
+    res = CliRunner().invoke(main, ["train", "--method", "multiexit", "--backbone", f"hf-hub:{repo}", "--pretrained",
+                                    "--data", "digits", "--max-steps", "1", "--batch-size", "16",
+                                    "--set", "method.num_exits=2", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    pre = json.loads((tmp_path / "run" / "config.json").read_text())["preprocessing"]
+    assert pre["crop_pct"] == 0.9 and pre["input_size"] == [3, SIZE, SIZE] and pre["crop_mode"] == "center"

@@ -59,7 +59,8 @@ def test_bench_cli_reports_spread_load_and_one_line(trained_engine, tmp_path):
             s = run["spread_ms"][v]
             assert s["min"] <= s["median"] == run[f"{v}_ms"] <= s["max"]
         s = run["speedup_spread"]
-        assert s["min"] <= run["speedup"] <= s["max"]
+        assert s["min"] <= s["median"] <= s["max"]
+        assert abs(run["speedup"] - run["monolithic_ms"] / run["cascade_ms"]) < 1e-9
     # every warning in the report is on stderr, and a busy start is always among them
     assert [ln[len("warning: "):] for ln in r.stderr.splitlines() if ln.startswith("warning: ")] == rep["warnings"]
     if rep["loadavg_start"][0] > T.cores() * T.BUSY_LOAD_PER_CORE:
