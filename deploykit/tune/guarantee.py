@@ -139,7 +139,7 @@ def calibrate_guaranteed(engine_dir: str | os.PathLike | Any, data: str, max_dro
         test.update(full_accuracy=float((pt[-1] == yt).mean()), cascade_accuracy=float((res.labels_idx == yt).mean()),
                     per_exit_accuracy=(pt == yt).mean(axis=1).tolist())
     curve = _curve(path, stage_v, flops_v, ltt, pv, yv if labelled else None, st, pt, yt if labelled else None,
-                   cum, full)
+                   cum, full, j)
     objective: dict[str, Any] = {"max_drop_points": max_drop, "confidence": confidence, "delta": delta, "loss": loss,
                                  "bound": bound}
     if flops_budget is not None:
@@ -184,16 +184,21 @@ def describe(report: dict[str, Any]) -> tuple[str, str | None]:
 
 def _curve(path: np.ndarray, stage_v: np.ndarray, flops_v: np.ndarray, ltt: risk.LTTResult, pv: np.ndarray,
            yv: np.ndarray | None, st: np.ndarray, pt: np.ndarray, yt: np.ndarray | None, cum: np.ndarray,
-           full: float) -> list[dict[str, Any]]:
-    """The path as calibrated: one point per distinct val exit pattern (for the plot and load-adaptive serving)."""
+           full: float, chosen: int) -> list[dict[str, Any]]:
+    """The path as calibrated: one point per distinct val exit pattern (for the plot and load-adaptive serving).
+
+    The chosen candidate stands for its pattern, so the manifest's thresholds are a curve point (the adaptive
+    ladder's home).
+    """
     grid = np.repeat(path[:, None], st.shape[0] - 1, axis=1)
     stage_t = first_exit(st, grid)
-    out, seen = [], set()
+    first: dict[bytes, int] = {}
     for j in range(len(path)):
-        key = stage_v[j].tobytes()
-        if key in seen:
-            continue
-        seen.add(key)
+        first.setdefault(stage_v[j].tobytes(), j)
+    if chosen >= 0:
+        first[stage_v[chosen].tobytes()] = chosen
+    out = []
+    for j in sorted(first.values()):
         p: dict[str, Any] = {"threshold": float(path[j]), "flops_ratio": float(flops_v[j]),
                              "val_loss": float(ltt.risks[j]), "p_value": float(ltt.pvalues[j]),
                              "certified": bool(j <= ltt.last),

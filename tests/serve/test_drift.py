@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def _gauge(url: str) -> float | None:
     return None if m is None else float(m.group(1))
 
 
-def test_drift_gauge_rises_with_corrupted_inputs(calibrated_engine, caplog):
+def test_drift_gauge_rises_with_corrupted_inputs(calibrated_engine, caplog, tmp_path):
     from deploykit.data import stack_split
     from deploykit.runtime.cascade import Cascade
     from deploykit.serve.app import ServeConfig, create_app
@@ -91,6 +92,13 @@ def test_drift_gauge_rises_with_corrupted_inputs(calibrated_engine, caplog):
             assert "exit drift" in caplog.text
             assert "deploykit_exit_drift_threshold" in http(s.url + "/metrics")[2].decode()
             assert b'id="drift"' in http(s.url + "/")[2]
+            chrome = shutil.which("chromium") or shutil.which("chromium-browser")
+            if chrome:  # the page's live panel shows the mark (headless Chromium, as tests/serve/test_page.py)
+                dom = subprocess.run([chrome, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                      "--disable-background-networking", "--disable-dev-shm-usage",
+                                      f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=4000",
+                                      "--dump-dom", s.url + "/"], capture_output=True, text=True, timeout=90)
+                assert 'data-drift="alarm"' in dom.stdout and '<span class="alarm">DRIFT</span>' in dom.stdout
 
 
 def test_serve_local_refuses_drift_flags_without_a_record(engine_dir):

@@ -31,6 +31,12 @@ def test_calibrate_confidence_records_the_guarantee(engine_copy, tmp_path):
     assert thr == rep["thresholds"] and thr[-1] is None
     if g["certified"]:  # one shared threshold, certified: its p-value is <= delta and the bound is above the loss
         assert len(set(thr[:-1])) == 1 and thr[0] is not None
+        # the chosen point is on the stored curve, so load-adaptive serving starts from it, not from full depth
+        assert sum(p["thresholds"] == thr for p in rep["curve"]) == 1
+        from deploykit.serve.adaptive import AdaptiveController
+
+        home = AdaptiveController.from_manifest(Manifest.load(engine_copy), 50).ladder[0]
+        assert home.flops_ratio == pytest.approx(rep["test"]["flops_ratio"], abs=0.01)
         assert g["p_value"] <= 0.1 and g["empirical_risk"] <= g["upper_bound"] <= 0.03 + 1e-9
         # the p-value is the binomial tail of the val losses
         n, k = g["calibration_samples"], round(g["empirical_risk"] * g["calibration_samples"])
