@@ -32,3 +32,24 @@ def start_serve_local(engine_dir: str, port: int, options: list[str], timeout_s:
             time.sleep(0.2)
     proc.kill()
     raise SystemExit("server did not become ready")
+
+
+def wait_grpc(target: str, timeout_s: float = 60) -> None:
+    """Wait until the gRPC endpoint (``127.0.0.1:PORT``) answers ServerReady."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(target)
+    deadline = time.time() + timeout_s
+    try:
+        while True:
+            try:
+                if client.is_server_ready():
+                    return
+            except InferenceServerException:
+                pass
+            if time.time() > deadline:
+                raise SystemExit(f"gRPC at {target} did not become ready")
+            time.sleep(0.2)
+    finally:
+        client.close()

@@ -1,9 +1,14 @@
 """Load test for `deploykit serve-local` (loopback only; bounded in time and request count; stops by itself).
 
-Phases, all against one server on 127.0.0.1:
+Phases, all against one server on 127.0.0.1 (HTTP on --port and KServe v2 gRPC on --grpc-port, one process):
 1. offline: the cascade in-process at the server's max batch size (rows/s, median full-batch time);
-2. closed loop: N concurrent clients for T seconds (1 row per request, binary tensor extension like tritonclient);
-3. overload: open loop at F x the closed-loop throughput for T_o seconds: codes, answered-exactly-once, server RSS;
+2. closed loop, per protocol (``--protocols``): N concurrent clients for T seconds, 1 row per request:
+   ``raw-http`` is a minimal keep-alive HTTP/1.1 client (binary tensor extension, what tritonclient sends; the
+   lightest load generator, the one earlier results used), ``http`` is ``tritonclient.http.aio`` and ``grpc`` is
+   ``tritonclient.grpc.aio`` (the standard async clients, one client object shared by the N tasks);
+   ``--repeats`` runs the protocols interleaved that many times (spread: min / median / max);
+3. overload: open loop at F x the raw-http closed-loop throughput for T_o seconds: codes, answered-exactly-once,
+   server RSS;
 4. recovery: a few clients for a short while: every request must succeed again.
 Writes JSON (+ PNG) with throughput, p50/p99, batch-size distribution, errors by code, os.getloadavg().
 
@@ -22,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from _server import free_port, start_serve_local
+from _server import free_port, start_serve_local, wait_grpc
 
 from deploykit.tune.bench import cpu_model
 
@@ -119,6 +124,69 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], head
         conn.close()
 
     await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - t_begin
+    out = summarize(lat, codes, sent[0], wall)
+    if warmup:
+        s = summarize(steady, {200: len(steady)}, len(steady), max(wall - warmup, 1e-9))
+        out["steady"] = {"after_s": warmup, "ok": len(steady), "latency_ms": s["latency_ms"]}
+    return out
+
+
+def make_arrays(shape: list[int], n: int = 16) -> list[np.ndarray]:
+    """The same 1-row inputs as :func:`make_payloads`, as arrays for tritonclient."""
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal([1, *shape]).astype("<f4") for _ in range(n)]
+
+
+async def closed_loop_tritonclient(protocol: str, target: str, model: str, arrays: list[np.ndarray], clients: int,
+                                   duration: float, max_requests: int, warmup: float = 0.0) -> dict:
+    """As :func:`closed_loop`, with ``tritonclient.http.aio`` or ``tritonclient.grpc.aio`` (one shared client)."""
+    if protocol == "grpc":
+        import tritonclient.grpc.aio as tc
+
+        client = tc.InferenceServerClient(target)
+        inputs = []
+        for x in arrays:
+            i = tc.InferInput("image", list(x.shape), "FP32")
+            i.set_data_from_numpy(x)
+            inputs.append([i])
+        outputs = [tc.InferRequestedOutput(n) for n in ("label", "exit_stage", "score")]
+    else:
+        import tritonclient.http.aio as tc
+
+        client = tc.InferenceServerClient(target, conn_limit=clients)
+        inputs = []
+        for x in arrays:
+            i = tc.InferInput("image", list(x.shape), "FP32")
+            i.set_data_from_numpy(x, binary_data=True)
+            inputs.append([i])
+        outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in ("label", "exit_stage", "score")]
+    lat, codes, sent, steady = [], {}, [0], []
+    t_begin = time.perf_counter()
+    stop = t_begin + duration
+
+    async def one_client(i: int) -> None:
+        while time.perf_counter() < stop and sent[0] < max_requests:
+            sent[0] += 1
+            t0 = time.perf_counter()
+            try:
+                await client.infer(model, inputs[(i + sent[0]) % len(inputs)], outputs=outputs)
+                code = 200
+            except Exception as e:  # tritonclient raises InferenceServerException (status inside) or transport errors
+                status = getattr(e, "status", lambda: None)()
+                CLIENT_ERRORS[f"{protocol}:{status or type(e).__name__}"] += 1
+                code = -1
+            codes[code] = codes.get(code, 0) + 1
+            if code == 200:
+                t1 = time.perf_counter()
+                lat.append(t1 - t0)
+                if t0 >= t_begin + warmup:
+                    steady.append(t1 - t0)
+
+    try:
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+    finally:
+        await client.close()
     wall = time.perf_counter() - t_begin
     out = summarize(lat, codes, sent[0], wall)
     if warmup:
@@ -237,6 +305,32 @@ def hist_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, int]:
     return out
 
 
+def cpu_by_thread(pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + sys) of the server process: its main thread (the event loop) and all the others."""
+    out: dict[str, float] = {}
+    if not pid:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        key = "event_loop" if task.name == str(pid) else "other_threads"  # inference, gRPC poller, executor
+        out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_per_request(a: dict[str, float], b: dict[str, float], ok: int) -> dict[str, float]:
+    """Server CPU ms per answered request between two :func:`cpu_by_thread` readings, by thread group."""
+    if not ok or not b:
+        return {}
+    out = {k: round(1000 * (b[k] - a.get(k, 0.0)) / ok, 4) for k in b}
+    out["total"] = round(sum(out.values()), 4)
+    return out
+
+
 def read_rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -247,9 +341,11 @@ def read_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+def start_server(args: argparse.Namespace, port: int, grpc_port: int) -> subprocess.Popen:
     opts = ["--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
             "--max-queue", str(args.max_queue)]
+    if grpc_port:
+        opts += ["--grpc-port", str(grpc_port)]
     if args.threads:
         opts += ["--threads", str(args.threads)]
     if args.instances > 1:
@@ -267,12 +363,15 @@ def plot(report: dict, path: Path) -> None:
     h = report["closed_loop"]["batch_size_distribution"]
     ax[0].bar(list(h), list(h.values()), color="#2f6fed")
     ax[0].set(title=f"batch sizes, {report['config']['clients']} clients", xlabel="rows per batch", ylabel="batches")
-    names = ["offline", "served", "overload\n(200s / wall incl. drain)"]
-    vals = [report["offline"]["rows_per_s"], report["closed_loop"]["ok_per_s"], report["overload"]["ok_per_s"]]
-    ax[1].bar(names, vals, color=["#888", "#2f6fed", "#e07b00"])
+    protos = report["protocols"]
+    names = ["offline", *(f"{k}\n(median)" for k in protos), "overload\n(200s / wall incl. drain)"]
+    vals = [report["offline"]["rows_per_s"], *(v["ok_per_s_median"] for v in protos.values()),
+            report["overload"]["ok_per_s"]]
+    ax[1].bar(names, vals, color=["#888", *(["#2f6fed"] * len(protos)), "#e07b00"])
     ax[1].set(title=f"throughput (rows/s), max batch {report['config']['max_batch_size']}", ylabel="rows/s")
     for i, v in enumerate(vals):
         ax[1].text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    ax[1].tick_params(axis="x", labelsize=7)
     fig.suptitle(f"serve-local load test: {report['offline']['model']} on {report['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -297,8 +396,16 @@ def main() -> None:
     p.add_argument("--overload-factor", type=float, default=4.0)
     p.add_argument("--overload-duration", type=float, default=6.0)
     p.add_argument("--offline-seconds", type=float, default=5.0)
+    p.add_argument("--protocols", default="raw-http,http,grpc",
+                   help="closed-loop clients, comma-separated: raw-http (minimal client), http "
+                        "(tritonclient.http.aio), grpc (tritonclient.grpc.aio)")
+    p.add_argument("--repeats", type=int, default=1, help="closed loops per protocol, interleaved (spread)")
+    p.add_argument("--grpc-url", help="with --url: the running server's gRPC address (127.0.0.1:PORT)")
     p.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = p.parse_args()
+    protocols = [v.strip() for v in args.protocols.split(",") if v.strip()]
+    if not protocols or set(protocols) - {"raw-http", "http", "grpc"}:
+        raise SystemExit(f"--protocols takes raw-http, http and grpc; got {args.protocols!r}")
 
     load_start = os.getloadavg()
     off = offline(args.engine_dir, args.max_batch_size, args.threads, args.offline_seconds, args.instances)
@@ -306,27 +413,50 @@ def main() -> None:
            if args.instances > 1 else None)
     proc = None
     if args.url:
-        if not args.url.startswith(("http://127.0.0.1", "http://localhost")):
-            raise SystemExit("loopback only: --url must be http://127.0.0.1:PORT")
+        if not args.url.startswith(("http://127.0.0.1", "http://localhost")) or (
+                args.grpc_url and not args.grpc_url.startswith(("127.0.0.1:", "localhost:"))):
+            raise SystemExit("loopback only: --url must be http://127.0.0.1:PORT, --grpc-url 127.0.0.1:PORT")
         url = args.url.rstrip("/")
+        grpc_target = args.grpc_url
+        if grpc_target is None and "grpc" in protocols:
+            raise SystemExit("--protocols grpc with --url needs --grpc-url")
     else:
-        port = free_port()
-        proc = start_server(args, port)
-        url = f"http://127.0.0.1:{port}"
+        port, gport = free_port(), (free_port() if "grpc" in protocols else 0)
+        proc = start_server(args, port, gport)
+        url, grpc_target = f"http://127.0.0.1:{port}", f"127.0.0.1:{gport}"
+        if gport:
+            wait_grpc(grpc_target)
     host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
     path = f"/v2/models/{off['model']}/infer"
     bodies, headers = make_payloads(off["input_shape"])
+    arrays = make_arrays(off["input_shape"])
+
+    def run_closed(proto: str, clients: int, duration: float, max_requests: int, warmup: float) -> dict:
+        if proto == "raw-http":
+            return asyncio.run(closed_loop(host, port, path, bodies, headers, clients, duration, max_requests,
+                                           warmup))
+        target = grpc_target if proto == "grpc" else url.removeprefix("http://")
+        return asyncio.run(closed_loop_tritonclient(proto, target, off["model"], arrays, clients, duration,
+                                                    max_requests, warmup))
+
+    runs: dict[str, list[dict]] = {k: [] for k in protocols}
     try:
-        asyncio.run(closed_loop(host, port, path, bodies, headers, 8, 1.0, 2000))  # warm-up
-        h0 = batch_hist(url)
-        closed = asyncio.run(closed_loop(host, port, path, bodies, headers, args.clients, args.duration,
-                                         args.max_requests, args.warmup))
-        h1 = batch_hist(url)
-        closed["batch_size_distribution"] = hist_delta(h0, h1)
-        n_batches = h1.get("_count", 0) - h0.get("_count", 0)
-        busy = h1.get("_sum", 0) - h0.get("_sum", 0)
-        closed["served_batch_s_mean"] = busy / n_batches if n_batches else None
-        closed["inference_thread_busy_fraction"] = round(busy / closed["wall_s"] / args.instances, 3)
+        for proto in protocols:  # warm-up, every protocol
+            run_closed(proto, 8, 1.0, 2000, 0.0)
+        for _ in range(args.repeats):
+            for proto in protocols:
+                h0, c0 = batch_hist(url), cpu_by_thread(proc.pid if proc else None)
+                r = run_closed(proto, args.clients, args.duration, args.max_requests, args.warmup)
+                h1, c1 = batch_hist(url), cpu_by_thread(proc.pid if proc else None)
+                r["server_cpu_ms_per_request"] = cpu_per_request(c0, c1, r["codes"].get("200", 0))
+                r["batch_size_distribution"] = hist_delta(h0, h1)
+                n_batches = h1.get("_count", 0) - h0.get("_count", 0)
+                busy = h1.get("_sum", 0) - h0.get("_sum", 0)
+                r["served_batch_s_mean"] = busy / n_batches if n_batches else None
+                r["inference_thread_busy_fraction"] = round(busy / r["wall_s"] / args.instances, 3)
+                r["loadavg_end"] = os.getloadavg()
+                runs[proto].append(r)
+        closed = runs[protocols[0]][0]
         rate = args.overload_factor * closed["ok_per_s"]
         over = asyncio.run(open_loop(host, port, path, bodies, headers, rate, args.overload_duration,
                                      args.max_requests, proc.pid if proc else None))
@@ -341,16 +471,31 @@ def main() -> None:
     batch_s = min(off["batch_s_median"], alt["batch_s_median"] if alt else float("inf"))
     bound_ms = 2 * (args.max_queue_delay_ms + 1000 * batch_s)
     served_bound_ms = 2 * (args.max_queue_delay_ms + 1000 * (closed["served_batch_s_mean"] or 0))
+    per_protocol = {}
+    for proto, rs in runs.items():
+        rates = [r["ok_per_s"] for r in rs]
+        med = float(np.median(rates))
+        per_protocol[proto] = {
+            "ok_per_s": rates, "ok_per_s_min": min(rates), "ok_per_s_median": med, "ok_per_s_max": max(rates),
+            "p50_ms": [r["latency_ms"]["p50"] for r in rs], "p99_ms": [r["latency_ms"]["p99"] for r in rs],
+            "server_cpu_ms_per_request": [r.get("server_cpu_ms_per_request") for r in rs],
+            "steady_p99_ms": [r.get("steady", {}).get("latency_ms", {}).get("p99") for r in rs],
+            "served_over_offline_median": round(med / offline_rate, 3),
+            "served_over_offline_after_median": round(med / off_after["rows_per_s"], 3),
+            "served_over_offline_min_max": [round(min(rates) / offline_rate, 3), round(max(rates) / offline_rate, 3)],
+            "runs": rs,
+        }
     report = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "note": "2 cores shared with other developers' jobs; figures are noisy",
         "config": vars(args), "offline": off, "offline_one_batch_all_threads": alt,
-        "offline_after": off_after, "closed_loop": closed, "overload": over,
+        "offline_after": off_after, "closed_loop": closed, "protocols": per_protocol, "overload": over,
         "recovery": recovery, "client_errors": dict(CLIENT_ERRORS),
         "server_exit_code": rc if proc is not None else None,
         "targets": {
             "offline_rows_per_s_used": round(offline_rate, 2), "full_batch_s_used": round(batch_s, 4),
             "served_over_offline": round(closed["ok_per_s"] / offline_rate, 3),
+            "served_over_offline_by_protocol": {k: v["served_over_offline_median"] for k, v in per_protocol.items()},
             "throughput_ok": closed["ok_per_s"] >= 0.8 * offline_rate,
             "p99_ms": closed["latency_ms"]["p99"], "p99_bound_ms": round(bound_ms, 2),
             "p99_ok": (closed["latency_ms"]["p99"] or 1e9) <= bound_ms,
@@ -367,8 +512,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out.with_suffix(".png"))
-    print(json.dumps({"offline": off["rows_per_s"], "offline_after": off_after["rows_per_s"], "closed": closed,
-                      "overload_codes": over["codes"],
+    print(json.dumps({"offline": off["rows_per_s"], "offline_after": off_after["rows_per_s"],
+                      "protocols": {k: {q: v[q] for q in ("ok_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_request",
+                                                          "served_over_offline_median")}
+                                    for k, v in per_protocol.items()},
+                      "overload_codes": over["codes"], "client_errors": dict(CLIENT_ERRORS),
                       "targets": report["targets"]}, indent=1))
 
 

@@ -100,7 +100,8 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
                                              grpc_port=grpc_port, grpc_host=host, read_timeout_s=read_timeout_s,
                                              drain_timeout_s=drain_timeout_s, **drift, **extra))
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=max(1.0, drain_timeout_s), loop="auto", http="auto")
+                                timeout_graceful_shutdown=max(1.0, drain_timeout_s), loop="auto", http="auto",
+                                proxy_headers=False)  # loopback by default; X-Forwarded-* is not used
         logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d%s", engine.manifest.name, host, port,
                                                   f" and grpc://{host}:{grpc_port}" if grpc_port else "")
         _Server(config).run()

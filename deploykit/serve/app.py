@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -27,8 +27,6 @@ from deploykit.serve.drift import DriftWatch
 from deploykit.serve.handler import ClientGone, Drain, KServeHandler, Submitted
 from deploykit.serve.metrics import ServeMetrics
 from deploykit.serve.models import served_model
-
-_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
 @dataclass
@@ -109,19 +107,6 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
                                       "max_queue_delay_ms": config.max_queue_delay_ms, "instances": config.instances},
                             read_timeout_s=config.read_timeout_s, drain=drain)
 
-    async def kserve(request: Request) -> Response:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-
-        async def stream() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in request.stream():
-                    yield chunk
-            except ClientDisconnect as e:  # the client went away: not a server error, and nobody to answer
-                raise ClientGone("client closed the connection before sending the whole body") from e
-
-        r = await handler.handle(request.method, request.url.path, headers, stream)
-        return Response(r.body, r.status, headers=r.headers)
-
     async def stats(request: Request) -> Response:
         s = metrics.summary()
         s.update(model.page_info())
@@ -169,12 +154,55 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> Starlette:
         return _error(code, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'not found')}; "
                             "see GET /v2 and /v2/models/{name} (KServe v2)")
 
-    routes = [Route("/", index), Route("/stats", stats), Route("/{path:path}", kserve, methods=_METHODS)]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    routes = [Route("/", index), Route("/stats", stats)]
+    app = _App(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.kserve = handler
     app.state.batcher, app.state.metrics, app.state.info = batcher, metrics, model.info
     app.state.adaptive, app.state.model, app.state.handler = adaptive, model, handler
     app.state.drift, app.state.drain = drift, drain
     return app
+
+
+class _App(Starlette):
+    """Starlette for the page and ``/stats``; every other HTTP path goes straight to the KServe v2 handler.
+
+    The KServe paths (infer above all) skip Starlette's routing, middleware and Request / Response objects, which
+    on a small model cost the event loop about as much as the KServe work itself (docs/results.md, issue 17).
+    """
+
+    kserve: KServeHandler
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in _STARLETTE_PATHS:
+            await _kserve_asgi(self.kserve, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+_STARLETTE_PATHS = frozenset(("/", "/stats"))
+
+
+async def _kserve_asgi(handler: KServeHandler, scope: Any, receive: Any, send: Any) -> None:
+    """One HTTP request answered by the shared handler, on bare ASGI (ASGI headers are already lower-case)."""
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+    async def stream() -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":  # the client went away: not a server error, nobody to answer
+                raise ClientGone("client closed the connection before sending the whole body")
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
+    r = await handler.handle(scope["method"], scope["path"], headers, stream)
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in r.headers.items()]
+    if r.status >= 200 and r.status not in (204, 304):
+        raw.append((b"content-length", str(len(r.body)).encode()))
+    await send({"type": "http.response.start", "status": r.status, "headers": raw})
+    await send({"type": "http.response.body", "body": r.body})
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

@@ -251,7 +251,7 @@ class KServeHandler:
         """
         t0 = time.perf_counter() if t0 is None else t0
         code, queue_s = 500, None
-        self.metrics.in_flight.labels(self.model.name).inc()
+        self.metrics.in_flight_child.inc()
         try:
             protocol.check_model(self.model.info, name, version)
             if len(body) > _PARSE_IN_THREAD_BYTES or b'"BYTES"' in body[:4096]:  # decoding images: off the loop
@@ -267,7 +267,7 @@ class KServeHandler:
             code = reply.status
             return reply
         finally:
-            self.metrics.in_flight.labels(self.model.name).dec()
+            self.metrics.in_flight_child.dec()
             seconds = time.perf_counter() - t0
             self.metrics.observe_request(code, seconds, queue_s)
             if self.adaptive is not None and code == 200:

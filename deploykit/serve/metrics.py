@@ -62,6 +62,11 @@ class ServeMetrics:
                                registry=r)
         for k in range(num_stages):
             self.exits.labels(model, str(k))
+        # labelled children looked up once: observe_request runs per request, and .labels() costs a lock + hashing
+        self._by_code: dict[int, Any] = {}
+        self._request_seconds = self.request_seconds.labels(model)
+        self._queue_seconds = self.queue_seconds.labels(model)
+        self.in_flight_child = self.in_flight.labels(model)
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=window)
         self._exit_counts = np.zeros(num_stages, dtype=np.int64)
@@ -74,10 +79,13 @@ class ServeMetrics:
 
     def observe_request(self, code: int, seconds: float, queue_seconds: float | None) -> None:
         """Record one finished infer request."""
-        self.requests.labels(self.model, OUTCOMES.get(code, "other"), str(code)).inc()
-        self.request_seconds.labels(self.model).observe(seconds)
+        child = self._by_code.get(code)
+        if child is None:
+            child = self._by_code[code] = self.requests.labels(self.model, OUTCOMES.get(code, "other"), str(code))
+        child.inc()
+        self._request_seconds.observe(seconds)
         if queue_seconds is not None:
-            self.queue_seconds.labels(self.model).observe(queue_seconds)
+            self._queue_seconds.observe(queue_seconds)
         with self._lock:
             self._codes[code] = self._codes.get(code, 0) + 1
             if code == 200:

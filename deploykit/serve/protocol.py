@@ -230,7 +230,7 @@ def _pixel_rows(tensor: dict[str, Any], shape: list[int], raw: bytes | None, inf
     """
     wire = _PIXEL_TYPES[dtype]
     if raw is not None and dtype != "FP32":
-        count = int(np.prod(shape)) if shape else 0
+        count = math.prod(shape) if shape else 0
         if len(raw) != count * wire.itemsize:
             raise ProtocolError(f"binary {dtype} data has {len(raw)} bytes; shape {shape} needs "
                                 f"{count * wire.itemsize}")

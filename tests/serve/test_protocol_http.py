@@ -181,3 +181,33 @@ def test_tritonclient_works_unchanged(server, cascade):
         bad.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
         client.infer("tiny", [bad])
     client.close()
+
+
+def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request over a plain socket (chunked bodies, HEAD), the connection closed after the answer."""
+    import http.client
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        r = http.client.HTTPResponse(s, method=request.split(b" ", 1)[0].decode())
+        r.begin()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+
+def test_bare_asgi_front_reads_chunked_bodies_and_answers_head(server, cascade):
+    # the KServe paths skip Starlette (serve/app.py): a body in several chunks is read whole, HEAD has no body
+    body = json.dumps(fp32_request(rows(2))).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:100], body[100:1000], body[1000:])) + b"0\r\n\r\n"
+    code, headers, resp = _raw(server.port, b"POST /v2/models/tiny/infer HTTP/1.1\r\nhost: x\r\nconnection: close"
+                                            b"\r\ntransfer-encoding: chunked\r\n\r\n" + chunks)
+    assert code == 200 and int(headers["content-length"]) == len(resp)
+    assert outputs(resp)["probabilities"].shape == (2, 10)
+    code, headers, resp = _raw(server.port, b"HEAD /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert (code, resp) == (200, b"")
+    # the page and /stats stay on Starlette; a wrong method there is still a one-line KServe-style error
+    assert http(server.url + "/stats")[0] == 200
+    code, headers, resp = http(server.url + "/", b"{}")
+    assert code == 405 and "see GET /v2" in error(resp)
+    code, _, resp = http(server.url + "/v2/nothing/here")
+    assert code == 404 and "not found" in error(resp)
