@@ -100,10 +100,8 @@ VL_GRID = [None, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.8, 0.6]
 def vl_pool(engine: str, n_learn: int, n_pool: int, bs: int = 64) -> dict[str, Any]:
     """MuE entailment: the path learnt on ``n_learn`` val rows (as ``calibrate --confidence`` does on half of val),
     then every path candidate's answer and layer fraction on ``n_pool`` test rows, run once with the runtime."""
-    from deploykit.methods.mue.exits import layer_fraction
-
     from deploykit.manifest import Manifest
-    from deploykit.methods.mue.reference import Thresholds
+    from deploykit.runtime.exit_rules import Thresholds, layer_fraction
     from deploykit.runtime.generation import MuEEngine
     from deploykit.tune import mue_calibrate as mc
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from deploykit.cli import main
 from deploykit.manifest import Manifest
-from deploykit.methods.mue.reference import Thresholds
+from deploykit.runtime.exit_rules import Thresholds
 from deploykit.tune import mue_calibrate as mc
 from deploykit.tune import risk
 
