@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,10 @@ def test_tampered_graph_is_refused_before_any_answer(engine_copy, tmp_path):
     _one_line_error(*_cli("calibrate", str(engine_copy), "--data", "digits", "--max-drop", "1"), "stage0.onnx")
     assert (engine_copy / "deploykit.json").read_text() == before  # thresholds not overwritten
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "deploykit", "serve-local", str(engine_copy), "--port", "0",
+    with socket.socket() as s:  # a free port: the refusal must come from the graph, not the port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "deploykit", "serve-local", str(engine_copy), "--port", str(port),
                         "--grpc-port", "0"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
