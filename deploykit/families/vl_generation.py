@@ -92,9 +92,14 @@ class VLGenerationFamily(Family):
                           confidence=confidence, loss=loss or "consistency", bound=bound or "binomial")
         r["warnings"] = [f"{t}: {v['guarantee']['message']}" for t, v in r["tasks"].items()
                          if (v.get("guarantee") or {}).get("message")]
-        return Outcome(r, json.dumps({t: {"thresholds": v["thresholds"], "test": v["test"],
-                                          **({"guarantee": v["guarantee"]} if "guarantee" in v else {})}
-                                      for t, v in r["tasks"].items()}, indent=2))
+        from deploykit.tune.report import mue_calibration_summary
+
+        text = mue_calibration_summary(r, json_out)
+        for t, v in r["tasks"].items():  # one line per guaranteed task: what holds, or that it fell back
+            g = v.get("guarantee")
+            if g:
+                text += f"\n{t} guarantee: {g['statement']}" + ("" if g["certified"] else " -- not met, full depth")
+        return Outcome(r, text)
 
     def bench(self, manifest: Manifest, *, batch_sizes: list[int] | tuple[int, ...] = (1, 32),
               exit_fractions: list[float] | None = None, checkpoint: str | os.PathLike | None = None,
