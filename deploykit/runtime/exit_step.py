@@ -73,3 +73,7 @@ class ExitState:
 
     def probs(self) -> np.ndarray:
         return softmax(self.logits)
+
+    def nonfinite_rows(self) -> np.ndarray:
+        """Rows whose exit logits or score are NaN or infinite (a broken graph): never to be answered as numbers."""
+        return np.flatnonzero(~(np.isfinite(self.logits).all(axis=1) & np.isfinite(self.score)))

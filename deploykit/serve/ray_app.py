@@ -200,6 +200,12 @@ class Ingress:
             if keep is None:
                 break
             feeds = {t.name: np.ascontiguousarray(res[t.name][keep]) for t in spec.outputs}
+        bad = state.nonfinite_rows()
+        if len(bad):  # as Cascade.run does: a NaN must never reach a client as a number
+            from deploykit.errors import BackendError
+
+            raise BackendError(f"the engine produced NaN or infinite outputs for {len(bad)} row(s); the graphs or "
+                               "their weights are broken — re-export the model")
         return {"probs": state.probs(), "exit_stage": state.exit_stage, "score": state.score}
 
 

@@ -40,3 +40,15 @@ def test_no_exit_keeps_every_row():
     st = ExitState(3, 2)
     keep = st.step(0, [0.1, 0.2, 0.3], None, False, np.zeros((3, 2), np.float32))
     assert keep.tolist() == [0, 1, 2] and (st.exit_stage == -1).all()
+
+
+def test_nonfinite_rows_are_found_wherever_they_exited():
+    """serve-ray refuses these rows as Cascade.run does (a NaN never reaches a client as a number)."""
+    st = ExitState(4, 2)
+    st.step(0, np.array([0.9, 0.1, 0.9, 0.1], np.float32), 0.5, False,
+            np.array([[1, 0], [0, 1], [np.nan, 0], [0, 0]], np.float32))
+    st.step(1, np.array([np.inf, 0.2], np.float32), None, True, np.array([[0, 1], [1, 0]], np.float32))
+    assert st.nonfinite_rows().tolist() == [1, 2]
+    clean = ExitState(1, 2)
+    clean.step(0, np.array([0.5], np.float32), None, True, np.array([[0, 1]], np.float32))
+    assert clean.nonfinite_rows().tolist() == []
