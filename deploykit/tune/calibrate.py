@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -121,15 +120,9 @@ def calibrate(
         "curve": curve,
         "exit_record": build_record(val_stage, sv[val_stage, np.arange(len(yv))], m.num_stages, thresholds=thr),
     }
-    if json_out is not None:
-        json_out = Path(json_out)
-        plot_out = Path(plot_out) if plot_out else json_out.with_suffix(".png")
-    if plot_out is not None:
-        report["plot"] = str(plot_out)
-        plot_calibration(report, sw, plot_out)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    from deploykit.tune.report import write_report
+
+    write_report(report, json_out, plot_out, lambda path: plot_calibration(report, sw, path))
     if write:
         m.exit_policy.thresholds = thr
         m.calibration = {k: report[k] for k in ("data", "objective", "val", "test", "curve", "exit_record")}

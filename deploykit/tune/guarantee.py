@@ -13,7 +13,6 @@ distribution is <= ε; both losses bound the accuracy drop from above (see ``dep
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -151,15 +150,9 @@ def calibrate_guaranteed(engine_dir: str | os.PathLike | Any, data: str, max_dro
         "curve": curve,
         "exit_record": build_record(sel_v, sv[sel_v, np.arange(len(xv))], m.num_stages, thresholds=thr),
     }
-    if json_out is not None:
-        json_out = Path(json_out)
-        plot_out = Path(plot_out) if plot_out else json_out.with_suffix(".png")
-    if plot_out is not None:
-        report["plot"] = str(plot_out)
-        plot_guarantee(report, plot_out)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    from deploykit.tune.report import write_report
+
+    write_report(report, json_out, plot_out, lambda path: plot_guarantee(report, path))
     if write:
         m.exit_policy.thresholds = thr
         m.calibration = {k: report[k] for k in ("data", "objective", "guarantee", "val", "test", "curve",

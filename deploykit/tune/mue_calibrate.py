@@ -27,7 +27,6 @@ sweep (same graphs, same rule).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -421,15 +420,9 @@ def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = N
                                                           bound=bound)
     finally:
         eng.close()
-    if json_out is not None:
-        json_out = Path(json_out)
-        plot_out = Path(plot_out) if plot_out else json_out.with_suffix(".png")
-    if plot_out is not None:
-        report["plot"] = str(plot_out)
-        plot_mue_calibration(report, plot_out)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
+    from deploykit.tune.report import write_report
+
+    write_report(report, json_out, plot_out, lambda path: plot_mue_calibration(report, path), indent=1)
     if write:
         manifest.extra["mue"]["thresholds"].update({t: r["thresholds"] for t, r in report["tasks"].items()})
         manifest.calibration = {"data": report["data"], "kv_policy": policy, "calibrated_at": time.time(),

@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+
+def write_report(report: dict[str, Any], json_out: str | os.PathLike | None, plot_out: str | os.PathLike | None,
+                 plot: Callable[[Path], None], indent: int = 2) -> None:
+    """Write a calibration report: the plot (beside ``--json`` unless placed elsewhere, its path recorded in the
+    report), then the JSON. One place for the rule every calibrate variant follows.
+    """
+    if json_out is not None and plot_out is None:
+        plot_out = Path(json_out).with_suffix(".png")
+    if plot_out is not None:
+        report["plot"] = str(plot_out)
+        plot(Path(plot_out))
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=indent) + "\n")
 
 
 def _where(json_out: str | os.PathLike | None, report: dict[str, Any]) -> str:
