@@ -11,8 +11,9 @@ from typing import Any
 
 def write_report(report: dict[str, Any], json_out: str | os.PathLike | None, plot_out: str | os.PathLike | None,
                  plot: Callable[[Path], None], indent: int = 2) -> None:
-    """Write a calibration report: the plot (beside ``--json`` unless placed elsewhere, its path recorded in the
-    report), then the JSON. One place for the rule every calibrate variant follows.
+    """Write a calibration report: the plot, then the JSON (the rule every calibrate variant follows).
+
+    The plot goes beside ``--json`` unless ``plot_out`` places it elsewhere; its path is recorded in the report.
     """
     if json_out is not None and plot_out is None:
         plot_out = Path(json_out).with_suffix(".png")
