@@ -79,9 +79,11 @@ class MonolithicRuntimes:
 
     def _ort_int8_dynamic(self, pool: np.ndarray) -> Callable[[np.ndarray], Any]:
         from deploykit.graphs.quantize import QuantSettings, quantize_graph
+        from deploykit.manifest_sections import graph_entries
 
         dst = Path(self._tmp.name) / "full-int8-dynamic.onnx"
-        quantize_graph(self.path, dst, self.src.monolithic, QuantSettings("dynamic"), None)
+        entry = next(e for e in graph_entries(self.src) if e.file == self.src.monolithic.file)
+        quantize_graph(self.path, dst, entry, QuantSettings("dynamic"), None)
         return self._runner(dst, "ort-cpu")
 
     def _openvino_fp32(self, pool: np.ndarray) -> Callable[[np.ndarray], Any]:
