@@ -174,8 +174,8 @@ class QuantizationRecord:
     @classmethod
     def from_dict(cls, d: Any) -> QuantizationRecord:
         _need(d, ("mode", "graphs"), "extra.quantization")
-        if d["mode"] not in ("dynamic", "static"):
-            raise ManifestError(f"extra.quantization.mode {d['mode']!r} unknown; expected dynamic or static")
+        if d["mode"] not in ("dynamic", "static", "openvino"):
+            raise ManifestError(f"extra.quantization.mode {d['mode']!r} unknown; expected dynamic, static or openvino")
         if not isinstance(d["graphs"], dict):
             raise ManifestError("extra.quantization.graphs must map graph files to what was quantised")
         return cls(str(d["mode"]), str(d.get("source", "")), dict(d["graphs"]))
