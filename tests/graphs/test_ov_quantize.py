@@ -92,7 +92,7 @@ def test_ir_refused_by_onnx_runtime_and_tampered_weights(ov_int8: Path, tmp_path
     with pytest.raises(ManifestError, match="stage1.bin does not match"):
         Manifest.load(d).check_files(verify_hash=True)
     w.unlink()
-    with pytest.raises(ManifestError, match="stage1.bin, which stage1.xml needs, is missing"):
+    with pytest.raises(ManifestError, match=r"stage1\.bin .*is missing"):  # the sidecar is a named, hashed file
         Manifest.load(d).check_files()
 
 
