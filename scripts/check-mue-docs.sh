@@ -18,7 +18,7 @@ done
 SERVER=
 cleanup() {
   [[ -n $SERVER ]] && kill "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null
-  [[ ${KEEP:-0} == 1 ]] || rm -rf "${MADE[@]}"
+  [[ ${KEEP:-0} == 1 ]] || { rm -rf "${MADE[@]}"; rmdir runs bench-out 2>/dev/null; }
 }
 trap cleanup EXIT
 fail() { echo "FAIL: $*" >&2; echo "logs: $LOG" >&2; exit 1; }
