@@ -84,6 +84,7 @@ class VLGenerationFamily(Family):
                   backend: str = "ort-cpu", confidence: float | None = None, loss: str | None = None,
                   bound: str | None = None) -> Outcome:
         from deploykit.tune.mue_calibrate import calibrate_mue
+        from deploykit.tune.report import mue_calibration_summary
 
         if confidence is None and (loss or bound):
             raise ConfigError(f"--{'loss' if loss else 'bound'} applies only with --confidence (risk control)")
@@ -92,9 +93,7 @@ class VLGenerationFamily(Family):
                           confidence=confidence, loss=loss or "consistency", bound=bound or "binomial")
         r["warnings"] = [f"{t}: {v['guarantee']['message']}" for t, v in r["tasks"].items()
                          if (v.get("guarantee") or {}).get("message")]
-        return Outcome(r, json.dumps({t: {"thresholds": v["thresholds"], "test": v["test"],
-                                          **({"guarantee": v["guarantee"]} if "guarantee" in v else {})}
-                                      for t, v in r["tasks"].items()}, indent=2))
+        return Outcome(r, mue_calibration_summary(r, json_out))  # the full report goes to --json
 
     def bench(self, manifest: Manifest, *, batch_sizes: list[int] | tuple[int, ...] = (1, 32),
               exit_fractions: list[float] | None = None, checkpoint: str | os.PathLike | None = None,
