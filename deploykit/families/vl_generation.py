@@ -84,6 +84,7 @@ class VLGenerationFamily(Family):
                   backend: str = "ort-cpu", confidence: float | None = None, loss: str | None = None,
                   bound: str | None = None) -> Outcome:
         from deploykit.tune.mue_calibrate import calibrate_mue
+        from deploykit.tune.report import mue_calibration_summary
 
         if confidence is None and (loss or bound):
             raise ConfigError(f"--{'loss' if loss else 'bound'} applies only with --confidence (risk control)")
@@ -92,7 +93,6 @@ class VLGenerationFamily(Family):
                           confidence=confidence, loss=loss or "consistency", bound=bound or "binomial")
         r["warnings"] = [f"{t}: {v['guarantee']['message']}" for t, v in r["tasks"].items()
                          if (v.get("guarantee") or {}).get("message")]
-        from deploykit.tune.report import mue_calibration_summary
 
         text = mue_calibration_summary(r, json_out)
         for t, v in r["tasks"].items():  # one line per guaranteed task: what holds, or that it fell back

@@ -45,7 +45,7 @@ _FINE = [None, 0.999, 0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0
 GRID: dict[str, dict[str, list[float | None]]] = {
     "entailment": {"img": _FINE, "txt": _FINE, "dec": _FINE},
     "caption": {"img": [None, 0.999, 0.998, 0.995, 0.99, 0.98, 0.95, 0.9], "txt": [None, 0.99, 0.95, 0.9, 0.8, 0.6],
-                "dec": [None, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6]},
+                "dec": [None, 0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.3, 0.0]},
 }
 DEFAULT_N = {"val": 300, "test": 500}  # examples per task and split
 METRIC = {"entailment": "accuracy", "caption": "bleu4"}
@@ -234,17 +234,19 @@ def _sweep_caption(eng: Any, cache: _Cache, rows: list[Any], grid: dict[str, lis
     return points
 
 
-def choose_point(points: list[dict[str, Any]], floor: float | None, layer_budget: float | None
-                 ) -> dict[str, Any]:
+def choose_point(points: list[dict[str, Any]], floor: float | None, layer_budget: float | None,
+                 task: str = "") -> dict[str, Any]:
     """Cheapest point with quality >= ``floor``; or, with ``layer_budget``, the best quality within the budget."""
     if layer_budget is not None:
         ok = [p for p in points if p["layer_fraction"] <= layer_budget]
         if not ok:
-            raise ConfigError(f"no threshold point uses <= {layer_budget:.2f} of the layers; raise the budget")
+            cheapest = min(p["layer_fraction"] for p in points)
+            raise ConfigError(f"{task}: no threshold point uses <= {layer_budget:.2f} of the layers (the cheapest "
+                              f"uses {cheapest:.3f}); raise --flops-budget")
         return max(ok, key=lambda p: (p["quality"], -p["layer_fraction"]))
     ok = [p for p in points if p["quality"] >= floor]
     if not ok:
-        raise ConfigError(f"no threshold point reaches the quality target {floor:.4f}; allow a larger drop")
+        raise ConfigError(f"{task}: no threshold point reaches the quality target {floor:.4f}; allow a larger drop")
     return min(ok, key=lambda p: (p["layer_fraction"], -p["quality"]))  # full depth is always a point
 
 
@@ -396,7 +398,7 @@ def calibrate_mue(engine_dir: str | os.PathLike | Manifest, data: str | None = N
                 cache = _Cache(eng, vimgs, vids, batch_size)
                 points = (_sweep_entailment(eng, cache, vrows, g) if task == "entailment"
                           else _sweep_caption(eng, cache, vrows, g, floor, caption_keep, policy))
-                best = choose_point(points, floor, layer_budget)
+                best = choose_point(points, floor, layer_budget, task)
             thr = Thresholds(**best["thresholds"])
             timgs, tids = eng.load_images([r.image for r in trows]), eng.encode_texts([r.text for r in trows])
             full_t = _point(task, Thresholds.full_depth(),

@@ -85,7 +85,16 @@ def test_selection_rules():
     assert mc.choose_point(pts, None, 0.65) is pts[1]  # best quality within a layer budget
     with pytest.raises(ConfigError, match="budget"):
         mc.choose_point(pts, None, 0.1)
+    # the refusal names the task and the cheapest point there is, so the user knows what budget to ask for
+    with pytest.raises(ConfigError, match=r"caption: .*cheapest uses 0\.300.*--flops-budget"):
+        mc.choose_point(pts, None, 0.1, "caption")
     assert [p["layer_fraction"] for p in mc.pareto(pts)] == [0.3, 0.6, 1.0]
+
+
+def test_caption_grid_reaches_the_cheapest_decoder():
+    # on a 200-step model the decoder grid stopping at 0.6 made 0.66 of the layers the cheapest caption point;
+    # with 0.0 it is 0.60, about the floor the forced full-depth steps leave
+    assert min(t for t in mc.GRID["caption"]["dec"] if t is not None) == 0.0
 
 
 def test_calibrate_refuses_conflicting_objectives_and_unknown_data(engine_copy):
