@@ -127,8 +127,9 @@ class VLGenerationFamily(Family):
         eager = _eager_generate(checkpoint, threads) if checkpoint else None
         r = bench_vl(manifest, n=samples, batch_sizes=list(batch_sizes), repeats=repeats, warmup=warmup,
                      threads=threads, data=data, compare=other, eager=eager, json_out=json_out, progress=progress)
-        return Outcome(r, json.dumps({"tasks": r["tasks"], **({"plot": r["plot"]} if "plot" in r else {})},
-                                     indent=2))
+        from deploykit.tune.report import mue_bench_summary
+
+        return Outcome(r, mue_bench_summary(r, json_out))  # the full report goes to --json
 
     def predict(self, manifest: Manifest, images: list[str], *, backend: str = "ort-cpu",
                 thresholds: list[float | None] | None = None, texts: list[str] | None = None,

@@ -61,6 +61,14 @@ def mue_calibration_summary(report: dict[str, Any], json_out: str | os.PathLike 
     return "calibrated " + "; ".join(parts) + _where(json_out, report)
 
 
+def mue_bench_summary(report: dict[str, Any], json_out: str | os.PathLike | None = None) -> str:
+    """``batch 8 entailment: exits 120 ms vs full 180 ms (1.50x) at 0.62 of the layers; ...``."""
+    parts = [f"batch {r['batch_size']} {t}: exits {v['exits']['ms']['median']:.0f} ms vs full "
+             f"{v['full']['ms']['median']:.0f} ms ({v['speedup']:.2f}x) at {v['exits']['layer_fraction']:.2f} of the "
+             "layers" for r in report["runs"] for t, v in r["tasks"].items()]
+    return "; ".join(parts) + _where(json_out, report)
+
+
 def lint_summary(report: dict[str, Any], json_out: str | os.PathLike | None = None) -> str:
     """A one-line verdict of a TensorRT lint report for ``--json`` runs."""
     ok = report.get("ok")
