@@ -40,10 +40,15 @@ class BackboneSpec:
 
 @dataclass
 class DataSpec:
-    """Data source spec (``digits`` or ``imagefolder:PATH``) and whether to augment the training split."""
+    """Data source spec (``digits`` or ``imagefolder:PATH``), augmentation, and an optional eval-crop override.
+
+    ``crop_pct`` replaces the backbone's eval crop (timm's data config); 1.0 keeps the whole image, for small images
+    whose content fills the frame, such as the digits.
+    """
 
     spec: str = "digits"
     augment: bool = True
+    crop_pct: float | None = None
 
 
 @dataclass

@@ -110,8 +110,13 @@ def _run_config(recipe: Recipe, model: torch.nn.Module, labels: list[str]) -> di
     from deploykit import __version__
     from deploykit.methods.backbone import backbone_data_config
 
+    pre = backbone_data_config(model.backbone)
+    if recipe.data.crop_pct is not None:  # the recipe's own crop replaces the backbone's eval crop
+        if not 0 < recipe.data.crop_pct <= 1:
+            raise ConfigError(f"data.crop_pct must be in (0, 1], got {recipe.data.crop_pct}")
+        pre["crop_pct"] = float(recipe.data.crop_pct)
     return {
-        **recipe.to_dict(), "labels": labels, "preprocessing": backbone_data_config(model.backbone),
+        **recipe.to_dict(), "labels": labels, "preprocessing": pre,
         "method_config": model.method_config(),
         "versions": {"deploykit": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }
