@@ -43,15 +43,6 @@ def family_of_task(task: str) -> str:
     raise UnknownNameError(f"no model family handles manifest task {task!r}; known: {', '.join(every)}")
 
 
-def family_of_method(method: str) -> str:
-    """The family name that trains and exports ``method``."""
-    for name, kind in FAMILIES.items():
-        if method in kind.methods:
-            return name
-    every = sorted(m for k in FAMILIES.values() for m in k.methods)
-    raise UnknownNameError(f"no model family handles method {method!r}; known: {', '.join(every)}")
-
-
 def engine_kind(manifest: Any) -> str:
     """:data:`CASCADE` or :data:`GENERATION` for a manifest (anything with a ``task``)."""
     return FAMILIES[family_of_task(str(getattr(manifest, "task", "classification")))].engine

@@ -26,6 +26,12 @@ class Outcome:
     text: str
 
 
+def check_risk_flags(confidence: float | None, loss: str | None, bound: str | None) -> None:
+    """``--loss`` / ``--bound`` choose how risk control works, so they mean nothing without ``--confidence``."""
+    if confidence is None and (loss or bound):
+        raise ConfigError(f"--{'loss' if loss else 'bound'} applies only with --confidence (risk control)")
+
+
 def refuse(flag: str, family: str, why: str) -> ConfigError:
     """The error for an option this family does not support (raise it)."""
     return ConfigError(f"{flag} does not apply to {family} engines / runs: {why}")

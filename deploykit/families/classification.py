@@ -7,9 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.errors import ConfigError
 from deploykit.families._registry import register_family
-from deploykit.families.base import Family, Outcome, refuse
+from deploykit.families.base import Family, Outcome, check_risk_flags, refuse
 from deploykit.kinds import FAMILIES
 
 if TYPE_CHECKING:
@@ -55,8 +54,7 @@ class ClassificationFamily(Family):
                   bound: str | None = None) -> Outcome:
         from deploykit.tune.calibrate import calibrate
 
-        if confidence is None and (loss or bound):
-            raise ConfigError(f"--{'loss' if loss else 'bound'} applies only with --confidence (risk control)")
+        check_risk_flags(confidence, loss, bound)
         self.check_backend(backend)
         r = calibrate(manifest, data=data or "digits", max_drop=max_drop, flops_budget=flops_budget,
                       json_out=json_out, backend=backend, confidence=confidence, loss=loss or "consistency",

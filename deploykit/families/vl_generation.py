@@ -8,9 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploykit.errors import ConfigError
 from deploykit.families._registry import register_family
-from deploykit.families.base import Family, Outcome, refuse
+from deploykit.families.base import Family, Outcome, check_risk_flags, refuse
 from deploykit.kinds import FAMILIES
 
 if TYPE_CHECKING:
@@ -86,8 +85,7 @@ class VLGenerationFamily(Family):
         from deploykit.tune.mue_calibrate import calibrate_mue
         from deploykit.tune.report import mue_calibration_summary
 
-        if confidence is None and (loss or bound):
-            raise ConfigError(f"--{'loss' if loss else 'bound'} applies only with --confidence (risk control)")
+        check_risk_flags(confidence, loss, bound)
         self.check_backend(backend)
         r = calibrate_mue(manifest, data=data, max_drop=max_drop, layer_budget=flops_budget, json_out=json_out,
                           confidence=confidence, loss=loss or "consistency", bound=bound or "binomial")
