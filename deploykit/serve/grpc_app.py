@@ -2,10 +2,10 @@
 
 The service and its messages are the published KServe v2 / Triton protobufs as compiled by ``tritonclient[grpc]``
 (``tritonclient.grpc.service_pb2`` / ``service_pb2_grpc`` / ``model_config_pb2``), not hand-rolled. A
-``ModelInferRequest`` is put into the HTTP binary tensor framing (a small JSON header + the raw tensor bytes, no
-per-element conversion) and handed to :meth:`KServeHandler.infer`, so gRPC shares the parser, the batcher, the
-limits, the metrics and the load-adaptive exits with HTTP; the response's binary outputs become
-``raw_output_contents``. HTTP statuses map to gRPC codes here, once (:data:`STATUS_CODES`).
+``ModelInferRequest`` becomes the decoded request the HTTP parsers take (the header as a dict, the raw tensor
+bytes; no JSON text, no per-element conversion) and goes to :meth:`KServeHandler.infer`, so gRPC shares the
+parsers, the batcher, the limits, the metrics and the load-adaptive exits with HTTP; the response's binary outputs
+become ``raw_output_contents``. HTTP statuses map to gRPC codes here, once (:data:`STATUS_CODES`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from deploykit import __version__
 from deploykit.errors import ConfigError
-from deploykit.serve import protocol
+from deploykit.serve import limits, protocol
 from deploykit.serve.handler import KServeHandler, Reply
 
 try:
@@ -51,16 +51,20 @@ def _status_codes() -> dict[int, Any]:
             415: c.INVALID_ARGUMENT, 500: c.INTERNAL, 503: c.RESOURCE_EXHAUSTED}
 
 
-def to_http_body(request: Any) -> tuple[bytes, dict[str, str]]:
-    """A ``ModelInferRequest`` as an HTTP infer body in the binary tensor framing (all outputs asked binary)."""
-    raw = list(request.raw_input_contents)
+def to_decoded(request: Any) -> protocol.Decoded:
+    """A ``ModelInferRequest`` as the decoded request the parsers take (all outputs asked binary).
+
+    The header dict is built from the message's fields and the tensors are its raw bytes, so nothing goes through
+    JSON text; the parsers then validate it exactly as they validate an HTTP request.
+    """
+    raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise protocol.ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one "
                                      "per input, in order")
     inputs, blobs = [], []
     for i, t in enumerate(request.inputs):
         data = raw[i] if raw else _contents_bytes(t)
-        inputs.append({"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape],
+        inputs.append({"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
                        "parameters": {"binary_data_size": len(data)}})
         blobs.append(data)
     params = {k: _param_value(k, v) for k, v in request.parameters.items()}
@@ -70,8 +74,7 @@ def to_http_body(request: Any) -> tuple[bytes, dict[str, str]]:
         head["id"] = request.id
     if request.outputs:
         head["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs]
-    header = json.dumps(head, separators=(",", ":")).encode()
-    return header + b"".join(blobs), {protocol.HEADER_LENGTH: str(len(header))}
+    return protocol.Decoded(head, blobs[0] if len(blobs) == 1 else b"".join(blobs))
 
 
 def _contents_bytes(t: Any) -> bytes:
@@ -88,8 +91,8 @@ def _param_value(key: str, p: Any) -> Any:
     value = getattr(p, kind) if kind else None
     if key == "exit_thresholds" and isinstance(value, str):  # a list has no InferParameter type: JSON text
         try:
-            return json.loads(value)
-        except json.JSONDecodeError as e:
+            return limits.loads_bounded(value)
+        except (json.JSONDecodeError, limits.LimitError) as e:
             raise protocol.ProtocolError(f"parameters.exit_thresholds must be a JSON list as a string, e.g. "
                                          f"'[0.9, null, null]' ({e})") from e
     return value
@@ -105,21 +108,16 @@ def _param(v: Any) -> Any:
     return pb.InferParameter(string_param=str(v))
 
 
-def to_infer_response(reply: Reply) -> Any:
-    """The handler's HTTP reply (all outputs binary) as a ``ModelInferResponse`` with ``raw_output_contents``."""
-    n = int(reply.headers.get(protocol.HEADER_LENGTH, len(reply.body)))
-    head = json.loads(reply.body[:n])
+def to_infer_response(parts: protocol.Encoded) -> Any:
+    """The handler's response (all outputs binary) as a ``ModelInferResponse`` with ``raw_output_contents``."""
+    head = parts.head
     resp = pb.ModelInferResponse(model_name=head["model_name"], model_version=head["model_version"],
-                                 id=head.get("id", ""))
+                                 id=head.get("id", ""), raw_output_contents=parts.blobs)
     for k, v in (head.get("parameters") or {}).items():
         if v is not None:
             resp.parameters[k].CopyFrom(_param(v))
-    pos = n
     for o in head["outputs"]:
         resp.outputs.add(name=o["name"], datatype=o["datatype"], shape=o["shape"])
-        size = o["parameters"]["binary_data_size"]
-        resp.raw_output_contents.append(reply.body[pos:pos + size])
-        pos += size
     return resp
 
 
@@ -173,13 +171,13 @@ def _servicer_class() -> type:
 
         async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
             try:
-                body, headers = to_http_body(request)
+                decoded = to_decoded(request)
             except protocol.ProtocolError as e:
                 await context.abort(self.codes[e.status], str(e))
-            reply = await self.h.infer(request.model_name, request.model_version or None, headers, body)
+            reply = await self.h.infer(request.model_name, request.model_version or None, {}, decoded)
             if reply.status != 200:
                 await self._fail(context, reply)
-            return to_infer_response(reply)
+            return to_infer_response(reply.parts)
 
         async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
             await self._checked(context, request.name, request.version)

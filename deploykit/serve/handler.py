@@ -36,11 +36,12 @@ _PARSE_IN_THREAD_BYTES = 64 * 1024
 
 @dataclass
 class Reply:
-    """An HTTP response, framework-free."""
+    """An HTTP response, framework-free; ``parts`` is a successful infer response left unserialised (gRPC)."""
 
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    parts: protocol.Encoded | None = None
 
 
 @dataclass
@@ -243,24 +244,25 @@ class KServeHandler:
                 "dynamic_batching": {"max_queue_delay_microseconds": int(1000 * b.get("max_queue_delay_ms", 0))},
                 "instance_group": [{"count": int(b.get("instances", 1)), "kind": "KIND_CPU"}]}
 
-    async def infer(self, name: str, version: str | None, headers: dict[str, str], body: bytes,
+    async def infer(self, name: str, version: str | None, headers: dict[str, str], body: bytes | protocol.Decoded,
                     t0: float | None = None) -> Reply:
-        """One infer request whose body has been read (HTTP, or a gRPC request put in the HTTP body framing).
+        """One infer request whose body has been read: HTTP bytes, or a gRPC request already decoded.
 
-        Checks the model, parses, submits and responds; errors mapped by :func:`error_reply`, metrics recorded.
+        Checks the model, parses, submits and responds; errors mapped by :func:`error_reply`, metrics recorded. A
+        decoded request's success reply carries the response as ``parts`` (no HTTP body is written).
         """
         t0 = time.perf_counter() if t0 is None else t0
         code, queue_s = 500, None
         self.metrics.in_flight_child.inc()
         try:
             protocol.check_model(self.model.info, name, version)
-            if len(body) > _PARSE_IN_THREAD_BYTES or b'"BYTES"' in body[:4096]:  # decoding images: off the loop
-                req = await asyncio.get_running_loop().run_in_executor(None, self.model.parse, body, headers)
-            else:
-                req = self.model.parse(body, headers)
+            req = await self._parse(body, headers)
             done = await self.submit(req)
-            out, extra = self.model.respond(req, done.result, done.parameters)
+            parts = self.model.respond_parts(req, done.result, done.parameters)
             code, queue_s = 200, done.queue_s
+            if isinstance(body, protocol.Decoded):
+                return Reply(200, parts=parts)
+            out, extra = protocol.encode_http(parts)
             return Reply(200, out, extra)
         except Exception as e:  # noqa: BLE001  (mapped once, below)
             reply = error_reply(e, self.retry_after_s)
@@ -272,6 +274,17 @@ class KServeHandler:
             self.metrics.observe_request(code, seconds, queue_s)
             if self.adaptive is not None and code == 200:
                 self.adaptive.observe(seconds)
+
+    async def _parse(self, body: bytes | protocol.Decoded, headers: dict[str, str]) -> Any:
+        """The model's parse; off the event loop when it decodes images or copies a large tensor."""
+        if isinstance(body, protocol.Decoded):
+            parse, args, heavy = self.model.parse_decoded, (body,), body.heavy()
+        else:
+            parse, args = self.model.parse, (body, headers)
+            heavy = len(body) > _PARSE_IN_THREAD_BYTES or b'"BYTES"' in body[:4096]
+        if heavy:
+            return await asyncio.get_running_loop().run_in_executor(None, parse, *args)
+        return parse(*args)
 
     async def _read_and_infer(self, name: str, version: str | None, headers: dict[str, str],
                               stream: Callable[[], AsyncIterator[bytes]]) -> Reply:

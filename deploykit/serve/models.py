@@ -49,7 +49,11 @@ class ServedModel:
         raise NotImplementedError
 
     def parse(self, body: bytes, headers: dict[str, str]) -> Any:
-        """Validate an infer request body (raises :class:`protocol.ProtocolError`); returns what ``run`` needs."""
+        """Validate an HTTP infer request body (raises :class:`protocol.ProtocolError`); returns what ``run`` needs."""
+        return self.parse_decoded(protocol.decode_body(body, headers))
+
+    def parse_decoded(self, d: protocol.Decoded) -> Any:
+        """Validate an infer request whose header is decoded (HTTP or gRPC); returns what ``run`` needs."""
         raise NotImplementedError
 
     def batch_key(self, req: Any) -> Hashable:
@@ -62,7 +66,12 @@ class ServedModel:
 
     def respond(self, req: Any, result: dict[str, np.ndarray], parameters: dict[str, Any] | None
                 ) -> tuple[bytes, dict[str, str]]:
-        """Response body and headers for one request's rows of the result."""
+        """HTTP response body and headers for one request's rows of the result."""
+        return protocol.encode_http(self.respond_parts(req, result, parameters))
+
+    def respond_parts(self, req: Any, result: dict[str, np.ndarray], parameters: dict[str, Any] | None
+                      ) -> protocol.Encoded:
+        """The response for one request's rows of the result, before serialisation (HTTP or gRPC)."""
         raise NotImplementedError
 
     def page_info(self) -> dict[str, Any]:
@@ -108,8 +117,8 @@ class CascadeModel(ServedModel):
     def metadata(self) -> dict[str, Any]:
         return protocol.model_metadata(self.info)
 
-    def parse(self, body: bytes, headers: dict[str, str]) -> protocol.InferRequest:
-        return protocol.parse_infer_request(body, headers, self.info, self._decode)
+    def parse_decoded(self, d: protocol.Decoded) -> protocol.InferRequest:
+        return protocol.parse_decoded(d, self.info, self._decode)
 
     def batch_key(self, req: protocol.InferRequest) -> Hashable:
         return req.thresholds
@@ -119,9 +128,9 @@ class CascadeModel(ServedModel):
         return {"probs": r.probs, "exit_stage": r.exit_stage, "score": r.score,
                 "stage_batch_sizes": list(r.stage_batch_sizes)}
 
-    def respond(self, req: protocol.InferRequest, result: dict[str, np.ndarray], parameters: dict[str, Any] | None
-                ) -> tuple[bytes, dict[str, str]]:
-        return protocol.build_response(req, protocol.output_arrays(result, self.info.labels), self.info, parameters)
+    def respond_parts(self, req: protocol.InferRequest, result: dict[str, np.ndarray],
+                      parameters: dict[str, Any] | None) -> protocol.Encoded:
+        return protocol.response_parts(req, protocol.output_arrays(result, self.info.labels), self.info, parameters)
 
     def page_info(self) -> dict[str, Any]:
         return {**super().page_info(), "labels": self.info.labels, "thresholds": list(self.manifest.thresholds())}
@@ -168,8 +177,8 @@ class MuEModel(ServedModel):
     def metadata(self) -> dict[str, Any]:
         return self._vl.model_metadata(self.info)
 
-    def parse(self, body: bytes, headers: dict[str, str]) -> Any:
-        return self._vl.parse_vl_request(body, headers, self.info, self._load_images, self.engine.encode_texts)
+    def parse_decoded(self, d: protocol.Decoded) -> Any:
+        return self._vl.parse_vl_decoded(d, self.info, self._load_images, self.engine.encode_texts)
 
     def _load_images(self, files: list[bytes]) -> list[np.ndarray]:
         from deploykit.data.preprocess import load_image
@@ -184,9 +193,9 @@ class MuEModel(ServedModel):
         out = self.engine.predict([r.image for r in rows], [r.text for r in rows], key, batch_size=len(rows))
         return self._vl.result_arrays(out, self.max_gen_len)
 
-    def respond(self, req: Any, result: dict[str, np.ndarray], parameters: dict[str, Any] | None
-                ) -> tuple[bytes, dict[str, str]]:
-        return self._vl.build_vl_response(req, result, self.info, parameters)
+    def respond_parts(self, req: Any, result: dict[str, np.ndarray], parameters: dict[str, Any] | None
+                      ) -> protocol.Encoded:
+        return self._vl.vl_response_parts(req, result, self.info, parameters)
 
     def page_info(self) -> dict[str, Any]:
         return {**super().page_info(), "tasks": self.tasks}

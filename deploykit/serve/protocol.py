@@ -109,9 +109,45 @@ def check_model(info: ModelInfo, name: str, version: str | None = None) -> None:
 
 
 # ---- request parsing ---------------------------------------------------------------------------------------
+@dataclass
+class Decoded:
+    """An infer request's JSON header as a dict and the binary tensor bytes after it (inputs in order).
+
+    HTTP gets one from :func:`decode_body`; the gRPC front-end builds one straight from the protobuf message, so
+    both protocols share the parsers below without a JSON round trip. ``max_values`` bounds how many numbers JSON
+    ``data`` can hold (the header's length; 0 when there is no JSON text).
+    """
+
+    head: dict[str, Any]
+    binary: bytes = b""
+    max_values: int = 0
+
+    def heavy(self) -> bool:
+        """Worth parsing off the event loop: image files to decode, or a large tensor to copy."""
+        if len(self.binary) > 64 * 1024:
+            return True
+        inputs = self.head.get("inputs")
+        return isinstance(inputs, list) and any(isinstance(t, dict) and t.get("datatype") == "BYTES" for t in inputs)
+
+
+def decode_body(body: bytes, headers: dict[str, str]) -> Decoded:
+    """Split an HTTP infer body (binary tensor extension) and decode its JSON header, within the parsing limits."""
+    header, binary = _split_body(body, headers)
+    try:
+        req = limits.loads_bounded(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"request body is not valid JSON ({e}); expected a KServe v2 infer request "
+                            '{"inputs": [{"name", "shape", "datatype", "data"}]}') from e
+    except limits.LimitError as e:
+        raise ProtocolError(str(e)) from e
+    if not isinstance(req, dict):
+        raise ProtocolError(f"request body must be a JSON object, found {type(req).__name__}")
+    return Decoded(req, binary, len(header))
+
+
 def parse_infer_request(body: bytes, headers: dict[str, str], info: ModelInfo,
                         decode_image: Callable[[bytes], np.ndarray]) -> InferRequest:
-    """Validate an infer request body and turn it into model-ready ``float32 [B, C, H, W]`` rows.
+    """Validate an HTTP infer request body and turn it into model-ready ``float32 [B, C, H, W]`` rows.
 
     Args:
         body: the raw request body (JSON, or JSON header + binary tensors).
@@ -122,22 +158,19 @@ def parse_infer_request(body: bytes, headers: dict[str, str], info: ModelInfo,
     Raises:
         ProtocolError: 400 with a message saying what was expected.
     """
+    return parse_decoded(decode_body(body, headers), info, decode_image)
+
+
+def parse_decoded(d: Decoded, info: ModelInfo, decode_image: Callable[[bytes], np.ndarray]) -> InferRequest:
+    """:func:`parse_infer_request` for a request whose header is already decoded (HTTP or gRPC)."""
     try:
-        return _parse(body, headers, info, decode_image)
+        return _parse(d.head, d.binary, d.max_values, info, decode_image)
     except limits.LimitError as e:
         raise ProtocolError(str(e)) from e
 
 
-def _parse(body: bytes, headers: dict[str, str], info: ModelInfo,
+def _parse(req: dict[str, Any], binary: bytes, max_values: int, info: ModelInfo,
            decode_image: Callable[[bytes], np.ndarray]) -> InferRequest:
-    header, binary = _split_body(body, headers)
-    try:
-        req = limits.loads_bounded(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"request body is not valid JSON ({e}); expected a KServe v2 infer request "
-                            '{"inputs": [{"name", "shape", "datatype", "data"}]}') from e
-    if not isinstance(req, dict):
-        raise ProtocolError(f"request body must be a JSON object, found {type(req).__name__}")
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         chw = ",".join(map(str, info.input_shape))
@@ -148,7 +181,7 @@ def _parse(body: bytes, headers: dict[str, str], info: ModelInfo,
     shape = limits.check_shape(tensor.get("shape"))
     raw = _binary_part(tensor, binary)
     if dtype in _PIXEL_TYPES:
-        rows = _pixel_rows(tensor, shape, raw, info, dtype, max_values=len(header))
+        rows = _pixel_rows(tensor, shape, raw, info, dtype, max_values=max_values)
     elif dtype == "BYTES":
         rows = _bytes_rows(tensor, shape, raw, info, decode_image)
     else:
@@ -367,9 +400,20 @@ def output_arrays(result: dict[str, np.ndarray], labels: list[str]) -> dict[str,
     }
 
 
-def build_response(req: Any, arrays: dict[str, np.ndarray], info: Any, parameters: dict[str, Any] | None = None,
-                   types: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
-    """Response body and extra headers; binary outputs follow the JSON header (binary tensor data extension).
+@dataclass
+class Encoded:
+    """A response before serialisation: the JSON header as a dict and the binary outputs, in order.
+
+    HTTP writes it with :func:`encode_http`; the gRPC front-end turns it into a ``ModelInferResponse``.
+    """
+
+    head: dict[str, Any]
+    blobs: list[bytes]
+
+
+def response_parts(req: Any, arrays: dict[str, np.ndarray], info: Any, parameters: dict[str, Any] | None = None,
+                   types: dict[str, str] | None = None) -> Encoded:
+    """The response for ``req``'s requested outputs; binary outputs as raw bytes (binary tensor data extension).
 
     ``parameters`` (e.g. the load-adaptive operating point) go into the response's ``parameters`` object;
     ``types`` maps output names to KServe datatypes (default: the classification outputs').
@@ -388,16 +432,27 @@ def build_response(req: Any, arrays: dict[str, np.ndarray], info: Any, parameter
             entry["data"] = ([str(v) for v in a.reshape(-1)] if entry["datatype"] == "BYTES"
                              else a.reshape(-1).tolist())
         outs.append(entry)
-    body: dict[str, Any] = {"model_name": info.name, "model_version": info.version, "outputs": outs}
+    head: dict[str, Any] = {"model_name": info.name, "model_version": info.version, "outputs": outs}
     if req.id is not None:
-        body["id"] = req.id
+        head["id"] = req.id
     if parameters:
-        body["parameters"] = parameters
-    header = json.dumps(body, separators=(",", ":")).encode()
-    if not blobs:
+        head["parameters"] = parameters
+    return Encoded(head, blobs)
+
+
+def encode_http(enc: Encoded) -> tuple[bytes, dict[str, str]]:
+    """HTTP body and extra headers of a response; binary outputs follow the JSON header."""
+    header = json.dumps(enc.head, separators=(",", ":")).encode()
+    if not enc.blobs:
         return header, {"content-type": "application/json"}
-    return header + b"".join(blobs), {"content-type": "application/octet-stream",
-                                      "inference-header-content-length": str(len(header))}
+    return header + b"".join(enc.blobs), {"content-type": "application/octet-stream",
+                                          "inference-header-content-length": str(len(header))}
+
+
+def build_response(req: Any, arrays: dict[str, np.ndarray], info: Any, parameters: dict[str, Any] | None = None,
+                   types: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
+    """Response body and extra headers (:func:`response_parts` written by :func:`encode_http`)."""
+    return encode_http(response_parts(req, arrays, info, parameters, types))
 
 
 def _pack_bytes(a: np.ndarray) -> bytes:

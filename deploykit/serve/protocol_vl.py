@@ -16,7 +16,6 @@ framing and BYTES helpers of :mod:`deploykit.serve.protocol`, so both kinds shar
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,18 +77,18 @@ def model_metadata(info: VLModelInfo) -> dict[str, Any]:
 def parse_vl_request(body: bytes, headers: dict[str, str], info: VLModelInfo,
                      load_images: Callable[[list[Any]], list[np.ndarray]],
                      encode_texts: Callable[..., list[list[int]]]) -> VLRequest:
-    """Validate a MuE infer request; every image is decoded and every text checked before it is queued.
+    """Validate a MuE infer request body; every image is decoded and every text checked before it is queued.
 
     Raises:
         ProtocolError: 400 with a message saying what was expected.
     """
-    header, binary = protocol._split_body(body, headers)
-    try:
-        req = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"request body is not valid JSON ({e}); expected a KServe v2 infer request") from e
-    if not isinstance(req, dict):
-        raise ProtocolError(f"request body must be a JSON object, found {type(req).__name__}")
+    return parse_vl_decoded(protocol.decode_body(body, headers), info, load_images, encode_texts)
+
+
+def parse_vl_decoded(d: protocol.Decoded, info: VLModelInfo, load_images: Callable[[list[Any]], list[np.ndarray]],
+                     encode_texts: Callable[..., list[list[int]]]) -> VLRequest:
+    """:func:`parse_vl_request` for a request whose header is already decoded (HTTP or gRPC)."""
+    req, binary = d.head, d.binary
     task = _task(req.get("parameters"), info)
     items = _inputs(req.get("inputs"), binary)
     if IMAGE_INPUT not in items:
@@ -238,7 +237,7 @@ def result_arrays(results: list[dict[str, Any]], max_gen_len: int) -> dict[str, 
             "layer_fraction": np.array([r["layer_fraction"] for r in results], np.float32)}
 
 
-def build_vl_response(req: VLRequest, result: dict[str, np.ndarray], info: VLModelInfo,
-                      parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
-    """Response body and headers (binary outputs per the binary tensor data extension)."""
-    return protocol.build_response(req, result, info, {"task": req.task, **(parameters or {})}, types=OUTPUT_TYPES)
+def vl_response_parts(req: VLRequest, result: dict[str, np.ndarray], info: VLModelInfo,
+                      parameters: dict[str, Any] | None = None) -> protocol.Encoded:
+    """The response (binary outputs per the binary tensor data extension); the task goes in ``parameters``."""
+    return protocol.response_parts(req, result, info, {"task": req.task, **(parameters or {})}, types=OUTPUT_TYPES)

@@ -154,6 +154,10 @@ def test_errors_map_to_grpc_status_codes(client, both):
     with pytest.raises(InferenceServerException) as e:
         client.infer("tiny", [big])
     assert _code(e.value) == "StatusCode.RESOURCE_EXHAUSTED"
+    deep = "[" * 5000 + "]" * 5000  # hostile: JSON text in a string parameter, nested far past the limit
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("tiny", [inp], parameters={"exit_thresholds": deep})
+    assert _code(e.value) == "StatusCode.INVALID_ARGUMENT" and "nested" in e.value.message()
     assert client.is_server_live()
 
 
