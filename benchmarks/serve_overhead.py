@@ -84,9 +84,12 @@ async def _http(app: Any, model: str, shape: list[int], n: int, concurrency: int
 async def _grpc(handler: Any, model: str, shape: list[int], n: int, concurrency: int) -> None:
     from tritonclient.grpc import service_pb2
 
-    from deploykit.serve.grpc_app import _servicer_class
+    from deploykit.serve import grpc_app
 
-    servicer = _servicer_class()(handler, lambda: False)
+    if hasattr(grpc_app, "KServeGrpc"):  # the servicer over the framework-free service (session 4 on)
+        servicer = grpc_app._servicer_class()(grpc_app.KServeGrpc(handler, lambda: False))
+    else:  # earlier trees, for A/B runs with PYTHONPATH at them
+        servicer = grpc_app._servicer_class()(handler, lambda: False)
     req = service_pb2.ModelInferRequest(model_name=model)
     req.inputs.add(name="image", datatype="FP32", shape=[1, *shape])
     req.raw_input_contents.append(np.random.default_rng(0).standard_normal([1, *shape]).astype("<f4").tobytes())

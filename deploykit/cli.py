@@ -417,10 +417,14 @@ def export_triton_cmd(engine_dir: str, out: str, backend: str, max_batch_size: i
 @click.option("--replica-cpus", default=0.25, show_default=True, type=float, help="Ray CPUs reserved per replica.")
 @click.option("--latency-slo-ms", default=None, type=float,
               help="Load-adaptive exits in the ingress (as serve-local): earlier exits when latency nears this p99.")
+@click.option("--grpc-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="KServe v2 over gRPC on Ray Serve's gRPC proxy (0: off). The proxy listens on every interface, "
+                   "so this needs a non-loopback --host (say 0.0.0.0).")
 @_friendly_errors
 def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas: str | None,
                   total_replicas: int | None, autoscale: bool, max_batch_size: int, max_queue_delay_ms: float,
-                  threads: int, backend: str, replica_cpus: float, latency_slo_ms: float | None) -> None:
+                  threads: int, backend: str, replica_cpus: float, latency_slo_ms: float | None,
+                  grpc_port: int) -> None:
     """Serve ENGINE_DIR on Ray Serve: one deployment per stage, KServe v2 HTTP API as serve-local."""
     from deploykit.errors import ConfigError
     from deploykit.serve import serve_ray
@@ -431,4 +435,5 @@ def serve_ray_cmd(engine_dir: str, address: str, host: str, port: int, replicas:
         raise ConfigError(f"--replicas must be comma-separated integers like 2,1,1,1, got {replicas!r}") from e
     serve_ray(engine_dir, address=address, host=host, port=port, replicas=counts, total_replicas=total_replicas,
               autoscale=autoscale, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-              threads=threads, replica_cpus=replica_cpus, latency_slo_ms=latency_slo_ms, backend=backend)
+              threads=threads, replica_cpus=replica_cpus, latency_slo_ms=latency_slo_ms, backend=backend,
+              grpc_port=grpc_port)

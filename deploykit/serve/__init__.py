@@ -213,7 +213,7 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
               replicas: list[int] | None = None, total_replicas: int | None = None, autoscale: bool = False,
               max_batch_size: int = 32, max_queue_delay_ms: float = 5.0, max_request_mb: float = 16.0,
               threads: int = 1, replica_cpus: float = 0.25, num_cpus: float = 2,
-              latency_slo_ms: float | None = None, backend: str = "ort-cpu") -> None:
+              latency_slo_ms: float | None = None, backend: str = "ort-cpu", grpc_port: int = 0) -> None:
     """Deploy ``engine_dir`` on Ray Serve (one deployment per stage) and serve until SIGINT / SIGTERM.
 
     ``address="local"`` starts a Ray cluster on 127.0.0.1 for this process and stops it at the end; ``auto`` (or
@@ -227,9 +227,10 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
 
     from deploykit.manifest import Manifest
     from deploykit.serve.models import check_frontend
-    from deploykit.serve.ray_app import RayConfig, connect, deploy
+    from deploykit.serve.ray_app import RayConfig, connect, deploy, grpc_options
 
     check_frontend(Manifest.load(engine_dir), "serve-ray")  # before a Ray cluster starts
+    grpc_options(host, grpc_port)  # refused before a Ray cluster starts, too
     config = RayConfig(replicas=replicas, total_replicas=total_replicas, autoscale=autoscale,
                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                        max_request_mb=max_request_mb, threads=threads, replica_cpus=replica_cpus,
@@ -237,10 +238,11 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
     connect(address, num_cpus)
     stop = threading.Event()
     try:
-        info = deploy(engine_dir, config, host=host, port=port)
+        info = deploy(engine_dir, config, host=host, port=port, grpc_port=grpc_port)
         plan = ", ".join(f"stage{k}: {o.get('num_replicas') or o['autoscaling_config']}"
                          for k, o in enumerate(info["stages"]))
-        logging.getLogger("deploykit.serve").info("serving %s on %s (%s)", engine_dir, info["url"], plan)
+        grpc = f", gRPC on {info['grpc']}" if info["grpc"] else ""
+        logging.getLogger("deploykit.serve").info("serving %s on %s%s (%s)", engine_dir, info["url"], grpc, plan)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, lambda *_: stop.set())
         stop.wait()

@@ -142,6 +142,7 @@ class Ingress:
         self._in_flight: dict[int, tuple[float, int]] = {}  # request id -> (arrival, rows)
         self._done_rows: dict[int, int] = {}  # operating point -> rows finished since the last tick
         self._ticker: asyncio.Task | None = None
+        self._grpc: Any = None
 
     async def _adapt(self) -> None:
         """Feed the controller every ``tick_s``: completion rate per operating point, rows in flight, oldest age."""
@@ -163,6 +164,14 @@ class Ingress:
         headers = {k.lower(): v for k, v in request.headers.items()}
         r = await self.handler.handle(request.method, request.url.path, headers, request.stream)
         return Response(r.body, r.status, headers=r.headers)
+
+    def grpc_service(self) -> Any:
+        """The KServe v2 gRPC service over this ingress's handler (Ray Serve's gRPC proxy calls the RPC methods)."""
+        if self._grpc is None:
+            from deploykit.serve.grpc_app import KServeGrpc
+
+            self._grpc = KServeGrpc(self.handler)
+        return self._grpc
 
     async def _submit(self, req: protocol.InferRequest) -> Any:
         """Run a parsed request through the stage deployments, ``max_batch_size`` rows per call at most."""
@@ -207,6 +216,17 @@ class Ingress:
             raise BackendError(f"the engine produced NaN or infinite outputs for {len(bad)} row(s); the graphs or "
                                "their weights are broken — re-export the model")
         return {"probs": state.probs(), "exit_stage": state.exit_stage, "score": state.score}
+
+
+def _add_grpc_methods() -> None:
+    """The KServe v2 gRPC RPCs as ingress methods (Ray Serve routes an RPC to the method of its name)."""
+    from deploykit.serve.grpc_app import RPCS, ray_rpc
+
+    for name in RPCS:
+        setattr(Ingress, name, ray_rpc(name))
+
+
+_add_grpc_methods()
 
 
 def _weights(manifest: Manifest, file: str) -> bytes | None:
@@ -266,10 +286,33 @@ def connect(address: str = "local", num_cpus: float | None = None) -> None:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
 
 
+def grpc_options(host: str, grpc_port: int) -> dict[str, Any] | None:
+    """Ray Serve's gRPC proxy options for ``--grpc-port`` (None: off).
+
+    Ray's proxy listens on every interface (``[::]:PORT``) whatever ``--host`` says, so gRPC is refused while the
+    HTTP side is loopback-only: nothing is exposed to the network unless the user asked for it with ``--host``.
+    """
+    if not grpc_port:
+        return None
+    from deploykit.serve.grpc_app import SERVICER_FUNCTION, require_grpc
+
+    require_grpc()
+    if host in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"serve-ray --grpc-port {grpc_port}: Ray Serve's gRPC proxy listens on every interface "
+                          "([::]) and can't be bound to loopback; pass --host 0.0.0.0 to serve on the network "
+                          "deliberately, or use serve-local for loopback-only gRPC")
+    return {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+
+
 def deploy(engine_dir: str | os.PathLike, config: RayConfig, host: str = "127.0.0.1", port: int = 8000,
-           app_name: str = "deploykit") -> dict[str, Any]:
-    """Start Serve's HTTP proxy on ``host:port`` and deploy; returns the URL and the per-stage replica plan."""
+           app_name: str = "deploykit", grpc_port: int = 0) -> dict[str, Any]:
+    """Start Serve's proxies (HTTP on ``host:port``, gRPC on ``grpc_port`` unless 0) and deploy.
+
+    Returns the URL, the gRPC address (or None) and the per-stage replica plan.
+    """
+    grpc = grpc_options(host, grpc_port)
     app, opts = build_app(engine_dir, config)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, **({"grpc_options": grpc} if grpc else {}))
     serve.run(app, name=app_name, route_prefix="/", blocking=False)
-    return {"url": f"http://{host}:{port}", "app": app_name, "stages": opts}
+    return {"url": f"http://{host}:{port}", "grpc": f"{host}:{grpc_port}" if grpc else None, "app": app_name,
+            "stages": opts}

@@ -46,9 +46,13 @@ def ray_server(calibrated_digits):
     connect("local", num_cpus=2)
     try:
         # the SLO is on but far away: the controller stays home, so answers must equal serve-local's
+        # gRPC on: Ray's gRPC proxy listens on every interface, so deploy refuses it on a loopback --host; the
+        # clients below still connect over 127.0.0.1
+        port, grpc_port = free_port(), free_port()
         info = deploy(calibrated_digits, RayConfig(total_replicas=5, max_batch_size=16, max_queue_delay_ms=5,
-                                                   replica_cpus=0.1, latency_slo_ms=60_000), port=free_port())
-        yield info
+                                                   replica_cpus=0.1, latency_slo_ms=60_000), host="0.0.0.0",
+                      port=port, grpc_port=grpc_port)
+        yield {**info, "url": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}"}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -190,3 +194,45 @@ def test_ingress_moves_to_earlier_exits_when_latency_nears_the_slo(calibrated_di
     assert levels[-1] == len(ingress.adaptive.ladder) - 1, levels  # reached the cheapest rung
     assert levels == sorted(levels)  # only down while the SLO can't be met
     assert 'deploykit_operating_point_changes_total{direction="down"' in text
+
+
+def test_kserve_grpc_on_ray_serve_answers_as_http(ray_server, calibrated_digits, digits_test):
+    """tritonclient.grpc, unchanged, against Ray Serve's gRPC proxy: the same service and answers as over HTTP."""
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+    from tritonclient.utils import InferenceServerException
+
+    name = Manifest.load(calibrated_digits).name
+    x, _ = digits_test
+    client = grpcclient.InferenceServerClient(ray_server["grpc"])
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+        assert client.get_model_metadata(name, as_json=True)["inputs"][0]["datatype"] == "FP32"
+        assert client.get_model_config(name, as_json=True)["config"]["max_batch_size"] == 16
+        inp = grpcclient.InferInput("image", list(x[:24].shape), "FP32")
+        inp.set_data_from_numpy(x[:24])
+        res = client.infer(name, [inp], request_id="r1")
+        via_http = _infer_all(f"{ray_server['url']}/v2/models/{name}/infer", x[:24], chunk=24)
+        np.testing.assert_array_equal(res.as_numpy("exit_stage"), via_http["exit_stage"])
+        np.testing.assert_allclose(res.as_numpy("probabilities"), via_http["probabilities"], atol=1e-6)
+        assert res.get_response().id == "r1"
+        bad = grpcclient.InferInput("image", [1, 3, 8, 8], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(name, [bad])
+        assert str(e.value.status()) == "StatusCode.INVALID_ARGUMENT" and "expected [B," in e.value.message()
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("nope", [inp])
+        assert str(e.value.status()) == "StatusCode.NOT_FOUND"
+    finally:
+        client.close()
+
+
+def test_grpc_on_a_loopback_host_is_refused_before_ray_starts(calibrated_digits):
+    """Ray's gRPC proxy binds every interface: with the default --host the CLI says so and exits 2 (checked in
+    ``serve_ray`` before ``connect``, so no cluster is started for a refused command)."""
+    from click.testing import CliRunner
+
+    from deploykit.cli import main
+
+    r = CliRunner().invoke(main, ["serve-ray", str(calibrated_digits), "--grpc-port", str(free_port())])
+    assert r.exit_code == 2 and "--host 0.0.0.0" in r.output and "Traceback" not in r.output, r.output
