@@ -268,14 +268,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
         hi = [r["ms_per_batch"][n]["max"] - m for n, m in zip(names, med)]
         colors = ["C3" if n.startswith("cascade") else "C0" for n in names]
         ax.barh(names, med, xerr=[lo, hi], color=colors, capsize=2)
-        for i, n in enumerate(names):
-            ax.text(med[i], i, f" {r['vs_torch_eager'][n]:.2f}x eager", va="center", fontsize=7)
+        for i, n in enumerate(names):  # the label starts past the error bar, so the two never overlap
+            ax.text(med[i] + hi[i], i, f"  {r['vs_torch_eager'][n]:.2f}x eager", va="center", fontsize=7)
+        ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.3)
         ax.set_title(f"batch {r['batch_size']} (load {r['loadavg_before'][0]}→{r['loadavg_after'][0]})", fontsize=9)
         ax.set_xlabel("ms per batch, median (bars: min–max)")
         ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()
     fig.suptitle(f"ViT-S/16, exits 0.4/0.3/0.2/0.1, {report['cpu']}, {report['vit']['threads']} threads "
-                 "(contended shared host)", fontsize=9)
+                 f"({report.get('note', 'load not recorded')})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
