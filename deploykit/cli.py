@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,30 @@ def _write_json(path: str, obj: Any) -> None:
 @click.version_option(__version__, prog_name="deploykit")
 def main() -> None:
     """Train, export and run early-exit / token-merging vision transformers cheaply."""
+    _show_progress_lines()
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when it writes (click's test runner swaps the stream)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _show_progress_lines() -> None:
+    """Show the library's INFO lines (where a server listens, what a run did) on stderr, one message per line."""
+    log = logging.getLogger("deploykit")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 # ---- train ---------------------------------------------------------------------------------------------------

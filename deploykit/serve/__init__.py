@@ -237,14 +237,15 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
                        latency_slo_ms=latency_slo_ms, backend=backend)
     connect(address, num_cpus)
     stop = threading.Event()
+    # before deploy: a Ctrl-C / SIGTERM while the replicas start still ends in the clean shutdown below
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: stop.set())
     try:
         info = deploy(engine_dir, config, host=host, port=port, grpc_port=grpc_port)
         plan = ", ".join(f"stage{k}: {o.get('num_replicas') or o['autoscaling_config']}"
                          for k, o in enumerate(info["stages"]))
         grpc = f", gRPC on {info['grpc']}" if info["grpc"] else ""
         logging.getLogger("deploykit.serve").info("serving %s on %s%s (%s)", engine_dir, info["url"], grpc, plan)
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda *_: stop.set())
         stop.wait()
     finally:
         if address == "local":

@@ -100,7 +100,8 @@ def test_grpc_and_http_answer_the_same(r, seed):
 @given(st.sampled_from(["FP32", "FP16", "UINT8", "BYTES", "INT8", ""]),
        st.lists(st.integers(-2, 2**33), max_size=6), st.binary(max_size=512), st.integers(0, 3),
        st.dictionaries(st.sampled_from(["exit_threshold", "exit_thresholds", "x"]),
-                       st.one_of(st.text(max_size=20), st.floats(allow_nan=True), st.integers(), st.booleans()),
+                       st.one_of(st.text(max_size=20), st.floats(allow_nan=True), st.integers(-2**63, 2**63 - 1),
+                                 st.booleans()),
                        max_size=2))
 def test_hostile_grpc_messages_end_in_a_protocol_error(dtype, shape, raw, n_raw, params):
     req = pb.ModelInferRequest(model_name="tiny")
