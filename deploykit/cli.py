@@ -339,7 +339,7 @@ def info(engine_dir: str) -> None:
 @click.option("--grpc-port", default=None, type=int,
               help="KServe v2 over gRPC on this port too, same --host (0: off) [default: 8001 with the grpc extra].")
 @click.option("--read-timeout", default=30.0, show_default=True, type=float,
-              help="Seconds a request body may take to arrive (408 past it).")
+              help="Seconds a request's headers, and then its body, may take to arrive (408 past it).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float,
               help="SIGTERM: seconds accepted requests may take to finish; those still queued then get a 503.")
 @click.option("--max-image-pixels", default=None, type=int,

@@ -50,8 +50,9 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
     ``drift_window`` / ``drift_threshold``: drift watch against the calibration record (``deploykit.serve.drift``);
     on with the defaults when the manifest has a record, required (error without one) when either is given;
     ``drift_window=0`` turns it off.
-    ``read_timeout_s`` bounds how long a request body may take to arrive; ``drain_timeout_s`` how long SIGTERM
-    waits for accepted requests; ``max_image_pixels`` is the per-image budget read from the header before decoding.
+    ``read_timeout_s`` bounds how long a request's headers, and then its body, may take to arrive;
+    ``drain_timeout_s`` how long SIGTERM waits for accepted requests; ``max_image_pixels`` is the per-image
+    budget read from the header before decoding.
     """
     try:
         import uvicorn
@@ -99,8 +100,11 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
                                              latency_slo_ms=latency_slo_ms, instances=instances,
                                              grpc_port=grpc_port, grpc_host=host, read_timeout_s=read_timeout_s,
                                              drain_timeout_s=drain_timeout_s, **drift, **extra))
+        from deploykit.serve.header_deadline import http_protocol
+
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=max(1.0, drain_timeout_s), loop="auto", http="auto",
+                                timeout_graceful_shutdown=max(1.0, drain_timeout_s), loop="auto",
+                                http=http_protocol(read_timeout_s),  # headers too must arrive in --read-timeout
                                 proxy_headers=False)  # loopback by default; X-Forwarded-* is not used
         logging.getLogger("deploykit.serve").info("serving %s on http://%s:%d%s", engine.manifest.name, host, port,
                                                   f" and grpc://{host}:{grpc_port}" if grpc_port else "")
