@@ -101,6 +101,22 @@ def png_bytes(seed: int = 0, size: int = 24) -> bytes:
     return buf.getvalue()
 
 
+def wait_ready(url: str, proc: Any, timeout_s: float, poll_s: float = 0.2) -> None:
+    """Wait for a child server's ``/v2/health/ready``; RuntimeError with its output if it exits or times out."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if http(url + "/v2/health/ready", timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            raise RuntimeError(f"the server did not come up: {proc.stdout.read().decode()[-3000:]}")
+        time.sleep(poll_s)
+
+
 class ProcessServer:
     """``deploykit serve-local`` in a child process (real signals, real RSS), on a free 127.0.0.1 port."""
 
@@ -119,17 +135,8 @@ class ProcessServer:
         import subprocess
 
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while True:
-            try:
-                if http(self.url + "/v2/health/ready", timeout=1)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"serve-local did not start: {self.proc.stdout.read().decode()[-2000:]}")
-            time.sleep(0.1)
+        wait_ready(self.url, self.proc, 90, poll_s=0.1)
+        return self
 
     def rss_kb(self, field: str = "VmRSS") -> int:
         """Resident set (``VmRSS``) or its peak so far (``VmHWM``) of the server process, in KiB."""

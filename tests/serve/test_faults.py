@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from serve_helpers import ThreadServer, error, fp32_request, free_port, http, outputs, rows
+from serve_helpers import ThreadServer, error, fp32_request, free_port, http, outputs, rows, wait_ready
 
 from deploykit.errors import BackendError
 from deploykit.serve.app import ServeConfig, create_app
@@ -70,15 +70,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(engine_dir):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if http(url + "/v2/health/ready", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
-            time.sleep(0.1)
+        wait_ready(url, proc, 60, poll_s=0.1)
         with ThreadPoolExecutor(5) as ex:
             futs = [ex.submit(http, url + "/v2/models/tiny/infer", fp32_request(rows(2, seed=i))) for i in range(5)]
             time.sleep(0.5)  # all five are waiting in the 1.5 s batching window

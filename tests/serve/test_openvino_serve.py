@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from serve_helpers import fp32_request, free_port, http, outputs, rows
+from serve_helpers import fp32_request, free_port, http, outputs, rows, wait_ready
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'deploykit[openvino]')")
 
@@ -38,16 +37,7 @@ def test_serve_local_cli_openvino_two_instances(engine_dir: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if http(url + "/v2/health/ready", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            assert time.time() < deadline, "serve-local did not come up"
-            time.sleep(0.5)
+        wait_ready(url, proc, 120, poll_s=0.5)
         name = "tiny"  # the serve conftest exports the engine under this name
         code, _, body = http(f"{url}/v2/models/{name}/infer", fp32_request(x, exit_thresholds=THRESHOLDS))
         assert code == 200, body

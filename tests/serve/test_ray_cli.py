@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from serve_helpers import fp32_request, free_port, http, outputs
+from serve_helpers import fp32_request, free_port, http, outputs, wait_ready
 
 pytest.importorskip("ray", reason="needs the ray extra: pip install 'deploykit[ray]'")
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
@@ -29,17 +28,7 @@ def ray_cli(trained_engine):
     proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if http(url + "/v2/health/ready", timeout=2)[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"serve-ray did not start: {proc.stdout.read().decode()[-3000:]}")
-        time.sleep(0.5)
+    wait_ready(url, proc, 180, poll_s=0.5)
     yield {"proc": proc, "url": url, "grpc": f"127.0.0.1:{grpc_port}"}
     if proc.poll() is None:
         proc.kill()
