@@ -108,3 +108,28 @@ class SharedScratch:
     @property
     def nbytes(self) -> int:
         return int(self.buffer.numel())
+
+
+class DeviceOutputs:
+    """Runner methods for outputs that stay torch CUDA tensors (ORT's CUDA I/O binding, TensorRT).
+
+    Mixed in before :class:`~deploykit.backends.base.Runner`, whose host-array versions these replace.
+    """
+
+    device: Any
+    _loaded: bool
+
+    def sync(self) -> None:
+        """Wait for the kernels enqueued on torch's stream (the runs return before they finish)."""
+        if self._loaded:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def to_host(self, x: Any) -> np.ndarray:
+        """Copy a device output to the host (only the exit scores and final rows need this)."""
+        return to_host(x)
+
+    def take(self, x: Any, index: np.ndarray) -> Any:
+        """Survivor rows of a device tensor, gathered on the GPU."""
+        return take(x, index)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from deploykit.backends import cuda
 from deploykit.backends.base import Runner, require
 from deploykit.errors import BackendError, DataError
 
@@ -200,7 +201,7 @@ def graph_inputs(path: str | os.PathLike) -> dict[str, list[Any]]:
             for v in model.graph.input if v.name not in inits}
 
 
-class OrtIoBindingRunner(OrtRunner):
+class OrtIoBindingRunner(cuda.DeviceOutputs, OrtRunner):
     """ONNX Runtime on the GPU (CUDA or TensorRT EP) with I/O binding: inputs and outputs are torch CUDA tensors.
 
     Outputs are allocated by torch and bound by pointer, so a stage's state goes to the next stage without leaving
@@ -233,7 +234,6 @@ class OrtIoBindingRunner(OrtRunner):
     def load_impl(self) -> None:
         import torch
 
-        from deploykit.backends import cuda
 
         self.device = cuda.cuda_device(self.device_id)
         stream = torch.cuda.current_stream(self.device).cuda_stream
@@ -252,8 +252,6 @@ class OrtIoBindingRunner(OrtRunner):
 
     def run_impl(self, feeds: dict[str, Any], outputs: list[str] | None) -> dict[str, Any]:
         import torch
-
-        from deploykit.backends import cuda
 
         names = outputs or self._outputs
         io = self.session.io_binding()
@@ -285,21 +283,3 @@ class OrtIoBindingRunner(OrtRunner):
             raise BackendError(f"{self.name} failed: {e}") from e
         return out
 
-    def sync(self) -> None:
-        """Wait for the device work on torch's stream (outputs are torch tensors other kernels may still write)."""
-        if self._loaded:
-            import torch
-
-            torch.cuda.synchronize(self.device)
-
-    def to_host(self, x: Any) -> np.ndarray:
-        """Copy a device output to the host."""
-        from deploykit.backends import cuda
-
-        return cuda.to_host(x)
-
-    def take(self, x: Any, index: np.ndarray) -> Any:
-        """Survivor rows, gathered on the GPU."""
-        from deploykit.backends import cuda
-
-        return cuda.take(x, index)

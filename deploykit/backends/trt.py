@@ -108,7 +108,7 @@ def _engine_record(plan: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(m.extra.get("trt", {})), {}
 
 
-class TrtRunner(Runner):
+class TrtRunner(cuda.DeviceOutputs, Runner):
     """One TensorRT plan on one GPU; outputs stay on the device as torch CUDA tensors.
 
     ``path`` may be the plan or its stage graph (``stage0.onnx`` -> ``stage0.plan``). Inputs may be numpy arrays
@@ -215,20 +215,6 @@ class TrtRunner(Runner):
             raise BackendError(f"{self.name}: TensorRT execution failed; see the TensorRT log")
         return {n: bufs[n] for n in (outputs or self._outputs)}
 
-    def sync(self) -> None:
-        """Wait for the kernels enqueued on the device (``execute_async_v3`` returns before they finish)."""
-        if self._loaded:
-            import torch
-
-            torch.cuda.synchronize(self.device)
-
-    def to_host(self, x: Any) -> np.ndarray:
-        """Copy a device output to the host (only the exit scores and final rows need this)."""
-        return cuda.to_host(x)
-
-    def take(self, x: Any, index: np.ndarray) -> Any:
-        """Survivor rows of a device tensor, gathered on the GPU."""
-        return cuda.take(x, index)
 
     def close_impl(self) -> None:
         self.context = None
