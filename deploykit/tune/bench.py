@@ -112,7 +112,7 @@ def bench(
     from deploykit.tune import timing as T
 
     threads = threads or default_threads()
-    load_start = loadavg()
+    load_start, others_before = loadavg(), T.idle_share()
     runner_kwargs = {"threads": threads} if backend.startswith("ort") or backend in CPU_BACKENDS else {}
     cascade = open_cascade(manifest, backend=backend, **runner_kwargs)
     m = cascade.manifest
@@ -153,6 +153,7 @@ def bench(
         from deploykit.tune.monolithic import MonolithicRuntimes
 
         rts = MonolithicRuntimes(m, pool, threads, None if runtimes is True else runtimes)
+    during = T.cpu_snapshot()
     for bs in batch_sizes:
         n = int(np.ceil(n_pool / bs) * bs)
         xs = np.concatenate([pool] * int(np.ceil(n / len(pool))))[:n]
@@ -202,6 +203,7 @@ def bench(
         runs.append(run)
     pbar.close()
     cascade.close()
+    others_during = T.others_share(during, T.cpu_snapshot())
     mono.close()
     if rts is not None:
         rts.close()
@@ -215,9 +217,11 @@ def bench(
         "inputs": f"{data} test split" if data else "seeded random normal", "samples_per_pass": n_pool,
         "warmup": warmup, "repeats": repeats, "cpu": cpu_model(), "cores": T.cores(),
         "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "other_cpu_share_before": others_before, "other_cpu_share_during": others_during,
         "versions": m.provenance.get("onnxruntime"), "runs": runs,
     }
-    report["warnings"] = T.load_warnings(load_start, report["loadavg_end"], threads) + warnings
+    report["warnings"] = T.load_warnings(load_start, report["loadavg_end"], threads, others_before,
+                                         others_during) + warnings
     if cmp is not None:
         report["compare"] = {"engine_dir": str(compare), "thresholds": cmp["thr"], "precision": cmp["precision"]}
         report["precision"] = m.stages[0].precision

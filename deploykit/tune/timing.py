@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average above cores x this: other work shared the cores
+BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average above cores x this: other work shared the cores (no /proc/stat)
+BUSY_SHARE = 0.25  # other processes used more than this share of all cores: the timings were contended
 
 
 def time_interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int,
@@ -59,14 +61,66 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
-def load_warnings(start: list[float] | None, end: list[float] | None, own_threads: int) -> list[str]:
-    """Warnings when the 1-minute load average says other work shared the cores, before or during the run."""
+@dataclass
+class CpuSnapshot:
+    """Busy CPU seconds of the whole machine (``/proc/stat``) and of this process (all its threads), at a time."""
+
+    machine_s: float
+    own_s: float
+    wall: float
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """Now's :class:`CpuSnapshot`; None where ``/proc/stat`` can't be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    t = os.times()
+    return CpuSnapshot((sum(fields) - idle) / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.monotonic())
+
+
+def others_share(a: CpuSnapshot | None, b: CpuSnapshot | None) -> float | None:
+    """Share of all cores other processes used between two snapshots (0: they had the machine to themselves)."""
+    if a is None or b is None or b.wall <= a.wall:
+        return None
+    other = (b.machine_s - a.machine_s) - (b.own_s - a.own_s)
+    return round(max(0.0, other) / ((b.wall - a.wall) * cores()), 3)
+
+
+def idle_share(window_s: float = 0.5) -> float | None:
+    """Share of all cores other processes use now, measured over ``window_s`` while this process sleeps.
+
+    Unlike the 1-minute load average, this doesn't count work that just finished (a training step before a bench).
+    """
+    a = cpu_snapshot()
+    time.sleep(window_s)
+    return others_share(a, cpu_snapshot())
+
+
+def load_warnings(start: list[float] | None, end: list[float] | None, own_threads: int,
+                  others_before: float | None = None, others_during: float | None = None) -> list[str]:
+    """Warnings when other work shared the cores, before or during the run.
+
+    Measured CPU shares of other processes decide where given (Linux); else the 1-minute load average does.
+    """
     n, out = cores(), []
     limit = n * BUSY_LOAD_PER_CORE
-    if start and start[0] > limit:
+    load = f"load average {start[0]:.2f}" if start else "no load average"
+    if others_before is not None:
+        if others_before > BUSY_SHARE:
+            out.append(f"machine busy before the bench: other processes used {others_before:.0%} of the {n} cores "
+                       f"({load}); times and ratios are contended; rerun on an idle machine")
+    elif start and start[0] > limit:
         out.append(f"machine busy before the bench: load average {start[0]:.2f} on {n} cores (above {limit:g}); "
                    "other processes shared the cores, so times and ratios are contended; rerun on an idle machine")
-    if end and end[0] - own_threads > limit:
+    if others_during is not None:
+        if others_during > BUSY_SHARE:
+            out.append(f"machine busy during the bench: other processes used {others_during:.0%} of the {n} cores "
+                       "while it ran; times are contended")
+    elif end and end[0] - own_threads > limit:
         out.append(f"machine busy during the bench: load average {end[0]:.2f} on {n} cores, {end[0] - own_threads:.2f}"
                    f" above this bench's own {own_threads} thread(s) (limit {limit:g}); times are contended")
     return out

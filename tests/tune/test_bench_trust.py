@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from click.testing import CliRunner
 
@@ -34,6 +35,35 @@ def test_busy_machine_is_named_with_its_load():
     assert T.load_warnings([0.0, 0.0, 0.0], [2.0 + n * 0.5 - 0.1, 0.0, 0.0], own_threads=2) == []
 
 
+def test_measured_cpu_shares_decide_busy_where_there_are_some():
+    n = T.cores()
+    high_load = [n * 0.5 + 1.0, 1.0, 1.0]  # what a training run just before leaves in the 1-minute average
+    assert T.load_warnings(high_load, high_load, own_threads=2, others_before=0.02, others_during=0.05) == []
+    busy = T.load_warnings([0.1, 0, 0], [0.1, 0, 0], own_threads=2, others_before=0.6, others_during=0.4)
+    assert len(busy) == 2 and "used 60% of the" in busy[0] and "used 40% of the" in busy[1]
+
+
+def test_other_processes_cpu_is_measured():
+    """A process spinning on one core is seen as another process's share; this process's own work is not."""
+    import subprocess
+    import sys
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(0.3)
+        share = T.idle_share(1.0)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert share is not None and share >= 0.6 / T.cores(), share  # one of the cores, less what the host took
+    a = T.cpu_snapshot()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.5:  # this process busy: its own CPU is subtracted
+        pass
+    own = T.others_share(a, T.cpu_snapshot())
+    assert own is not None and own < share
+
+
 def test_implausible_ratios_are_flagged_beyond_the_spread():
     mono = {"min": 1.0, "median": 1.1, "max": 1.2}
     ok = T.ratio_warnings(1, 2.0, {"min": 1.5, "median": 1.9, "max": 2.3}, mono, {"min": 1.1, "median": 1.3,
@@ -63,6 +93,7 @@ def test_bench_cli_reports_spread_load_and_one_line(trained_engine, tmp_path):
         assert abs(run["speedup"] - run["monolithic_ms"] / run["cascade_ms"]) < 1e-9
     # every warning in the report is on stderr, and a busy start is always among them
     assert [ln[len("warning: "):] for ln in r.stderr.splitlines() if ln.startswith("warning: ")] == rep["warnings"]
-    if rep["loadavg_start"][0] > T.cores() * T.BUSY_LOAD_PER_CORE:
-        assert any(w.startswith("machine busy before the bench") for w in rep["warnings"])
+    before, during = rep["other_cpu_share_before"], rep["other_cpu_share_during"]
+    assert 0.0 <= before <= 1.0 and 0.0 <= during <= 1.0
+    assert (before > T.BUSY_SHARE) == any(w.startswith("machine busy before the bench") for w in rep["warnings"])
     assert (tmp_path / "b.png").stat().st_size > 10_000
