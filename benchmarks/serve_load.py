@@ -367,12 +367,21 @@ def plot(report: dict, path: Path) -> None:
     names = ["offline", *(f"{k}\n(median)" for k in protos), "overload\n(200s / wall incl. drain)"]
     vals = [report["offline"]["rows_per_s"], *(v["ok_per_s_median"] for v in protos.values()),
             report["overload"]["ok_per_s"]]
-    ax[1].bar(names, vals, color=["#888", *(["#2f6fed"] * len(protos)), "#e07b00"])
-    ax[1].set(title=f"throughput (rows/s), max batch {report['config']['max_batch_size']}", ylabel="rows/s")
-    for i, v in enumerate(vals):
-        ax[1].text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    lo = [0.0, *(v["ok_per_s_median"] - v["ok_per_s_min"] for v in protos.values()), 0.0]
+    hi = [0.0, *(v["ok_per_s_max"] - v["ok_per_s_median"] for v in protos.values()), 0.0]
+    ax[1].bar(names, vals, yerr=[lo, hi], capsize=3, color=["#888", *(["#2f6fed"] * len(protos)), "#e07b00"])
+    ax[1].set_title(f"rows/s, max batch {report['config']['max_batch_size']} (whiskers: min-max of repeats)",
+                    fontsize=10)
+    ax[1].set_ylabel("rows/s")
+    ratios = [None, *(v.get("served_over_offline_median") for v in protos.values()), None]
+    for i, (v, r) in enumerate(zip(vals, ratios)):
+        ax[1].text(i, v + hi[i], f"{v:.0f}" + (f"\n{r:.2f}x offline" if r else ""), ha="center", va="bottom",
+                   fontsize=8)
+    ax[1].set_ylim(0, max(v + h for v, h in zip(vals, hi)) * 1.2)
     ax[1].tick_params(axis="x", labelsize=7)
-    fig.suptitle(f"serve-local load test: {report['offline']['model']} on {report['cpu']}", fontsize=9)
+    load = report.get("loadavg_start"), report.get("loadavg_end")
+    loads = f"; 1-min load {load[0][0]:.1f} -> {load[1][0]:.1f}" if all(load) else ""
+    fig.suptitle(f"serve-local load test: {report['offline']['model']} on {report['cpu']}{loads}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
