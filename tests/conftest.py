@@ -11,15 +11,21 @@ import pytest
 # Tests run on 2 shared cores: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-try:  # property tests: the README's test command (scripts/test.sh, CI) runs them derandomized, so a run is
-    # reproducible; plain `pytest` explores fresh examples each time (HYPOTHESIS_PROFILE=explore)
-    from hypothesis import settings
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Property tests: the README's test command (scripts/test.sh, CI) runs them derandomized, so a run is
+    reproducible; plain ``pytest`` explores fresh examples each time (``HYPOTHESIS_PROFILE=explore``)."""
+    try:
+        from hypothesis import settings
+    except ImportError:  # the dev extra is missing; the property-test modules say so when they are collected
+        return
     settings.register_profile("repeatable", derandomize=True, database=None)
     settings.register_profile("explore")
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "explore"))
-except ImportError:  # the dev extra is missing; the property-test modules say so when they are collected
-    pass
+    name = os.environ.get("HYPOTHESIS_PROFILE", "explore")
+    if name not in ("repeatable", "explore"):
+        raise pytest.UsageError(f"HYPOTHESIS_PROFILE={name!r}: use repeatable (same examples every run) or explore")
+    settings.load_profile(name)
+
 
 TINY_DIGITS = {
     "name": "tiny-digits",

@@ -117,18 +117,16 @@ def test_train_export_calibrate_predict_bench(pipeline, tmp_path):
 
 def test_serve_local_answers_like_predict(pipeline, tmp_path):
     import base64
-    import socket
     import urllib.request
 
     images, extra = _inputs(pipeline, tmp_path)
     want = [json.loads(line) for line in
             _ok(["predict", str(pipeline["engine"]), *images, *extra]).strip().splitlines()]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, grpc_port = _free_port(), _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "deploykit", "serve-local", str(pipeline["engine"]), "--port",
-                             str(port), "--grpc-port", "0"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             str(port), "--grpc-port", str(grpc_port)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):
@@ -154,9 +152,37 @@ def test_serve_local_answers_like_predict(pipeline, tmp_path):
             assert out["image_layers"] == [w["image_layers"] for w in want], out
         else:
             assert out["label"] == [w["label"] for w in want], out
+        _check_grpc(grpc_port, Manifest.load(pipeline["engine"]).name, images, extra, want)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_grpc(port: int, name: str, images: list[str], extra: list[str], want: list[dict[str, Any]]) -> None:
+    """The same request over KServe v2 gRPC (tritonclient.grpc, as a user sends it) answers as predict did."""
+    import numpy as np
+
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the dev extra)")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        inp = grpcclient.InferInput("image_bytes", [len(images)], "BYTES")
+        inp.set_data_from_numpy(np.array([Path(f).read_bytes() for f in images], dtype=object))
+        res = client.infer(name, [inp], parameters={"task": extra[1]} if extra else None)
+        if extra:
+            assert [t.decode() for t in res.as_numpy("text")] == [w["caption"] for w in want]
+            assert res.as_numpy("image_layers").tolist() == [w["image_layers"] for w in want]
+        else:
+            assert [t.decode() for t in res.as_numpy("label")] == [w["label"] for w in want]
+    finally:
+        client.close()
 
 
 def test_every_registered_family_has_a_contract_row():

@@ -16,8 +16,11 @@ from typing import Any
 from deploykit.errors import ConfigError
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Refuse a port another process listens on with a one-line error (uvicorn would log and exit 1 later)."""
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse a port another process listens on with a one-line error (the server would log and exit 1 later).
+
+    ``flag`` names the option the port came from (``--port``, or ``--grpc-port``, which 0 turns off).
+    """
     import socket
 
     try:
@@ -30,8 +33,11 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind(addr)
         except OSError as e:
-            raise ConfigError(f"can't listen on {host}:{port} ({e.strerror}); another server holds the port: stop it "
-                              "or pick another with --port") from None
+            if flag == "--port":
+                raise ConfigError(f"can't listen on {host}:{port} ({e.strerror}); another server holds the port: "
+                                  "stop it or pick another with --port") from None
+            raise ConfigError(f"{flag} {port}: can't bind {host}:{port} ({e.strerror}); pick another port, or 0 to "
+                              "turn gRPC off") from None
 
 
 def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort-cpu",
@@ -115,8 +121,6 @@ def serve_local(engine_dir: str | os.PathLike, host: str = "127.0.0.1", port: in
 
 def _grpc_port(host: str, port: int | None) -> int:
     """The gRPC port to open (0: none); an explicit port needs the grpc extra and must be free."""
-    import socket
-
     from deploykit.serve.grpc_app import require_grpc
 
     if port is None:  # the default: Triton's 8001 when gRPC can be served
@@ -131,12 +135,7 @@ def _grpc_port(host: str, port: int | None) -> int:
     if not 0 < port < 65536:
         raise ConfigError(f"expected --grpc-port in 1..65535 (0 turns gRPC off), got {port}")
     require_grpc()
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"--grpc-port {port}: can't bind {host}:{port} ({e.strerror}); pick another port, "
-                              "or 0 to turn gRPC off") from e
+    check_port_free(host, port, "--grpc-port")
     return port
 
 
@@ -235,6 +234,10 @@ def serve_ray(engine_dir: str | os.PathLike, address: str = "local", host: str =
 
     check_frontend(Manifest.load(engine_dir), "serve-ray")  # before a Ray cluster starts
     grpc_options(host, grpc_port)  # refused before a Ray cluster starts, too
+    if address == "local":  # a cluster that is joined may already run Serve's proxies on these ports
+        check_port_free(host, port)
+        if grpc_port:
+            check_port_free("::", grpc_port, "--grpc-port")  # Ray's gRPC proxy binds every interface
     config = RayConfig(replicas=replicas, total_replicas=total_replicas, autoscale=autoscale,
                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                        max_request_mb=max_request_mb, threads=threads, replica_cpus=replica_cpus,

@@ -236,3 +236,22 @@ def test_grpc_on_a_loopback_host_is_refused_before_ray_starts(calibrated_digits)
 
     r = CliRunner().invoke(main, ["serve-ray", str(calibrated_digits), "--grpc-port", str(free_port())])
     assert r.exit_code == 2 and "--host 0.0.0.0" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_busy_ports_are_refused_before_ray_starts(calibrated_digits):
+    """A port another process listens on is a one-line error, not Ray's proxy failing with a traceback later."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from deploykit.cli import main
+
+    with socket.socket(socket.AF_INET6) as held:
+        held.bind(("::", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        for args, what in ((["--port", str(busy)], "can't listen on"),
+                           (["--host", "0.0.0.0", "--port", str(free_port()), "--grpc-port", str(busy)],
+                            f"--grpc-port {busy}: can't bind")):
+            r = CliRunner().invoke(main, ["serve-ray", str(calibrated_digits), *args])
+            assert r.exit_code == 2 and what in r.output and r.output.count("\n") == 1, r.output
