@@ -251,8 +251,10 @@ def picklable_messages() -> None:
 
 
 def add_servicer_for_ray(servicer: Any, server: Any) -> None:
-    """Register the KServe v2 service (tritonclient's ``add_..._to_server``) with the messages made picklable."""
-    picklable_messages()
+    """Register the KServe v2 service (tritonclient's ``add_..._to_server``) in Ray Serve's gRPC proxy.
+
+    Importing this module for it made the messages picklable in the proxy's process.
+    """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
 

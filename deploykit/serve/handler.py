@@ -31,7 +31,6 @@ _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/inf
 _SERVER_PATHS = ("/v2", "/v2/", "/v2/health/live", "/v2/health/ready", "/metrics", "/v2/models/stats",
                  "/v2/repository/index")
 _POST_PATHS = ("/v2/repository/index",)
-_PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -278,11 +277,10 @@ class KServeHandler:
     async def _parse(self, body: bytes | protocol.Decoded, headers: dict[str, str]) -> Any:
         """The model's parse; off the event loop when it decodes images or copies a large tensor."""
         if isinstance(body, protocol.Decoded):
-            parse, args, heavy = self.model.parse_decoded, (body,), body.heavy()
+            parse, args = self.model.parse_decoded, (body,)
         else:
             parse, args = self.model.parse, (body, headers)
-            heavy = len(body) > _PARSE_IN_THREAD_BYTES or b'"BYTES"' in body[:4096]
-        if heavy:
+        if protocol.heavy(body):
             return await asyncio.get_running_loop().run_in_executor(None, parse, *args)
         return parse(*args)
 

@@ -122,12 +122,22 @@ class Decoded:
     binary: bytes = b""
     max_values: int = 0
 
-    def heavy(self) -> bool:
-        """Worth parsing off the event loop: image files to decode, or a large tensor to copy."""
-        if len(self.binary) > 64 * 1024:
-            return True
-        inputs = self.head.get("inputs")
-        return isinstance(inputs, list) and any(isinstance(t, dict) and t.get("datatype") == "BYTES" for t in inputs)
+
+
+PARSE_IN_THREAD_BYTES = 64 * 1024  # requests past this size are parsed off the event loop
+
+
+def heavy(request: bytes | Decoded) -> bool:
+    """Worth parsing off the event loop: image files to decode (BYTES inputs), or a large tensor to copy.
+
+    ``request`` is an HTTP body (judged before its JSON is decoded) or a decoded request (gRPC).
+    """
+    if isinstance(request, bytes):
+        return len(request) > PARSE_IN_THREAD_BYTES or b'"BYTES"' in request[:4096]
+    if len(request.binary) > PARSE_IN_THREAD_BYTES:
+        return True
+    inputs = request.head.get("inputs")
+    return isinstance(inputs, list) and any(isinstance(t, dict) and t.get("datatype") == "BYTES" for t in inputs)
 
 
 def decode_body(body: bytes, headers: dict[str, str]) -> Decoded:
@@ -447,12 +457,6 @@ def encode_http(enc: Encoded) -> tuple[bytes, dict[str, str]]:
         return header, {"content-type": "application/json"}
     return header + b"".join(enc.blobs), {"content-type": "application/octet-stream",
                                           "inference-header-content-length": str(len(header))}
-
-
-def build_response(req: Any, arrays: dict[str, np.ndarray], info: Any, parameters: dict[str, Any] | None = None,
-                   types: dict[str, str] | None = None) -> tuple[bytes, dict[str, str]]:
-    """Response body and extra headers (:func:`response_parts` written by :func:`encode_http`)."""
-    return encode_http(response_parts(req, arrays, info, parameters, types))
 
 
 def _pack_bytes(a: np.ndarray) -> bytes:

@@ -74,20 +74,15 @@ def model_metadata(info: VLModelInfo) -> dict[str, Any]:
     }
 
 
-def parse_vl_request(body: bytes, headers: dict[str, str], info: VLModelInfo,
-                     load_images: Callable[[list[Any]], list[np.ndarray]],
+def parse_vl_decoded(d: protocol.Decoded, info: VLModelInfo, load_images: Callable[[list[Any]], list[np.ndarray]],
                      encode_texts: Callable[..., list[list[int]]]) -> VLRequest:
-    """Validate a MuE infer request body; every image is decoded and every text checked before it is queued.
+    """Validate a MuE infer request (HTTP or gRPC, header decoded).
+
+    Every image is decoded and every text checked before it is queued.
 
     Raises:
         ProtocolError: 400 with a message saying what was expected.
     """
-    return parse_vl_decoded(protocol.decode_body(body, headers), info, load_images, encode_texts)
-
-
-def parse_vl_decoded(d: protocol.Decoded, info: VLModelInfo, load_images: Callable[[list[Any]], list[np.ndarray]],
-                     encode_texts: Callable[..., list[list[int]]]) -> VLRequest:
-    """:func:`parse_vl_request` for a request whose header is already decoded (HTTP or gRPC)."""
     req, binary = d.head, d.binary
     task = _task(req.get("parameters"), info)
     items = _inputs(req.get("inputs"), binary)

@@ -297,11 +297,20 @@ def grpc_options(host: str, grpc_port: int) -> dict[str, Any] | None:
     from deploykit.serve.grpc_app import SERVICER_FUNCTION, require_grpc
 
     require_grpc()
-    if host in ("127.0.0.1", "localhost", "::1"):
+    if _is_loopback(host):
         raise ConfigError(f"serve-ray --grpc-port {grpc_port}: Ray Serve's gRPC proxy listens on every interface "
                           "([::]) and can't be bound to loopback; pass --host 0.0.0.0 to serve on the network "
                           "deliberately, or use serve-local for loopback-only gRPC")
     return {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def deploy(engine_dir: str | os.PathLike, config: RayConfig, host: str = "127.0.0.1", port: int = 8000,
