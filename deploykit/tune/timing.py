@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average above cores x this: other work shared the cores (no /proc/stat)
-BUSY_SHARE = 0.25  # other processes used more than this share of all cores: the timings were contended
+BUSY_SHARE = 0.1  # other processes used more than this share of all cores: the timings were contended
 
 
 def time_interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int,
