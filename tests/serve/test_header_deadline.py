@@ -31,6 +31,20 @@ def _read_all(s: socket.socket, limit_s: float) -> tuple[bytes, float]:
     return data, float("inf")
 
 
+def _response(s: socket.socket) -> bytes:
+    """One whole HTTP response (head and Content-Length body) from a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += s.recv(65536)
+    assert len(body) == length
+    return head
+
+
 def _request(x: np.ndarray) -> bytes:
     body = json.dumps(fp32_request(x)).encode()
     return (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -68,6 +82,6 @@ def test_idle_keep_alive_is_not_cut_by_the_header_deadline(engine_dir):
             s.settimeout(10)
             for _ in range(2):
                 s.sendall(_request(x))
-                head = s.recv(65536)
+                head = _response(s)
                 assert head.startswith(b"HTTP/1.1 200"), head[:200]
                 time.sleep(2 * TIMEOUT_S)  # idle between requests: longer than the header deadline
